@@ -1,0 +1,3 @@
+from breakhis_tl.cli import main
+
+raise SystemExit(main())

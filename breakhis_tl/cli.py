@@ -1,0 +1,235 @@
+"""`python -m breakhis_tl <command>`: a thin layer over the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from breakhis_tl.errors import UserError
+
+log = logging.getLogger("breakhis_tl")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be zero or a positive number")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1")
+    return value
+
+
+def _data_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    p.add_argument(
+        "--data",
+        required=data_required,
+        default=None,
+        help="folder holding BreaKHis_v1 (or the IDC patient folders)",
+    )
+    p.add_argument("--dataset", default="breakhis", help="breakhis or idc")
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default=None, help="binary (default) or subtype")
+    p.add_argument("--magnification", default="all", help="all, or a list such as 40X,200X")
+    p.add_argument(
+        "--protocol",
+        default="patient",
+        help="patient (default), cv, folds, eva or random (leaky, for comparison)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (and of training)")
+    p.add_argument("--val-frac", type=fraction, default=0.15, help="share of patients in val")
+    p.add_argument("--test-frac", type=fraction, default=0.15, help="share of patients in test")
+    p.add_argument(
+        "--folds-csv",
+        default=None,
+        help="the official Folds.csv (default: looked for beside BreaKHis_v1)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m breakhis_tl",
+        description="Frozen ImageNet backbones and trained heads on BreakHis and IDC.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "download",
+        help="fetch and unpack the BreakHis archive",
+        description="Fetch BreaKHis_v1.tar.gz (resumable), unpack it safely and "
+        "check that all 7,909 images are there.",
+    )
+    p.add_argument("--to", default="data", help="folder to download into (default: data)")
+    p.add_argument("--url", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--expect", type=positive_int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "index",
+        help="index a dataset and print its counts",
+        description="Build the image index and print images by label and "
+        "magnification, subtypes and patients.",
+    )
+    _data_args(p)
+    p.add_argument("--out", default=None, help="write the index to this CSV file")
+
+    p = sub.add_parser(
+        "split",
+        help="make a patient-disjoint split and keep it as data",
+        description="Make a split, print images and patients per split and "
+        "class, check for leakage, and write one row per image.",
+    )
+    _data_args(p)
+    _split_args(p)
+    p.add_argument(
+        "--fold",
+        type=positive_int,
+        default=1,
+        help="fold to hold out (cv) or official fold 1-5 (folds)",
+    )
+    p.add_argument(
+        "--cv",
+        type=positive_int,
+        default=None,
+        help="number of folds (cv protocol: default 5; random: image-level folds)",
+    )
+    p.add_argument("--out", default=None, help="write the split to this CSV file")
+
+    return parser
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from breakhis_tl.download import BREAKHIS_IMAGES, BREAKHIS_URL, download_breakhis
+
+    root = download_breakhis(args.to, args.url or BREAKHIS_URL, args.expect or BREAKHIS_IMAGES)
+    print(f"BreakHis is ready under {root / 'BreaKHis_v1'}.")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from breakhis_tl.index import build_index, summary
+
+    index = build_index(args.data, args.dataset)
+    print(summary(index))
+    if args.out:
+        _write_csv(index, args.out)
+    return 0
+
+
+def load_split(args: argparse.Namespace):
+    """Index, filter and split as the options say; shared by `split` and `train`."""
+    from breakhis_tl.index import build_index, filter_magnification, parse_magnification
+    from breakhis_tl.splits import make_split
+
+    index = build_index(args.data, args.dataset)
+    index = filter_magnification(index, parse_magnification(args.magnification))
+    task = args.task or ("subtype" if args.protocol == "eva" else "binary")
+    n_folds = args.cv if isinstance(args.cv, int) else None
+    split = make_split(
+        index,
+        protocol=args.protocol,
+        task=task,
+        seed=args.seed,
+        fold=args.fold_number,
+        n_folds=n_folds,
+        val_frac=args.val_frac,
+        test_frac=args.test_frac,
+        folds_csv=args.folds_csv,
+    )
+    return split, task
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from breakhis_tl.splits import split_summary, write_split
+
+    args.fold_number = args.fold
+    split, task = load_split(args)
+    print(split_summary(split, task))
+    if "fold" in split and split["fold"].nunique() > 1:
+        print(f"\nFold {args.fold} of {int(split['fold'].max())} is held out as val.")
+    leaky = args.protocol == "random"
+    print(
+        "\nLeakage check: "
+        + (
+            "skipped, the random protocol shares patients on purpose."
+            if leaky
+            else "passed, no patient is on two sides."
+        )
+    )
+    if args.out:
+        _write_csv(split, args.out, writer=write_split)
+    return 0
+
+
+def _write_csv(df, path: str, writer=None) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if writer:
+            writer(df, path)
+        else:
+            df.to_csv(path, index=False)
+    except OSError as exc:
+        raise UserError(f"Cannot write {path} ({exc.strerror}).") from None
+    print(f"Wrote {path}.")
+
+
+COMMANDS = {"download": cmd_download, "index": cmd_index, "split": cmd_split}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,227 @@
+"""Image indexes of BreakHis and IDC, built from file names alone.
+
+Every fact a split needs (label, subtype, magnification, patient) is in a BreakHis file name,
+so the index never opens an image: indexing 7,909 files takes well under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from breakhis_tl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("breakhis", "idc")
+IMAGE_SUFFIXES = {".png"}
+
+# Subtype codes in the order of Spanhol et al.: four benign, then four malignant.
+SUBTYPES = {
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
+    "PC": "papillary_carcinoma",
+}
+BENIGN_SUBTYPES = ("A", "F", "PT", "TA")
+MAGNIFICATIONS = (40, 100, 200, 400)
+BREAKHIS_CLASSES = ("benign", "malignant")
+IDC_CLASSES = ("non_idc", "idc")
+
+# SOB_<B|M>_<subtype>-<year>-<slide>-<magnification>-<sequence>.png
+BREAKHIS_NAME = re.compile(
+    r"^SOB_(?P<bm>[BM])_(?P<subtype>[A-Z]+)-(?P<year>\d+)-(?P<slide>[0-9A-Z]+)"
+    r"-(?P<mag>\d+)-(?P<seq>\d+)\.png$",
+    re.IGNORECASE,
+)
+# <patient>_idx5_x<X>_y<Y>_class<0|1>.png
+IDC_NAME = re.compile(
+    r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<cls>[01])\.png$", re.IGNORECASE
+)
+
+
+def _image_files(root: Path) -> list[Path]:
+    if not root.exists():
+        raise UserError(f"Data folder {root} does not exist.")
+    if not root.is_dir():
+        raise UserError(f"Data path {root} is not a folder.")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(
+            f"No PNG images found under {root}; point --data at the folder holding the dataset."
+        )
+    return files
+
+
+def relative_key(path: Path, root: Path) -> str:
+    """Path from `BreaKHis_v1/` on when present, so split files and Folds.csv match anywhere."""
+    parts = path.parts
+    if "BreaKHis_v1" in parts:
+        return "/".join(parts[parts.index("BreaKHis_v1") :])
+    return path.relative_to(root).as_posix()
+
+
+def _report_unparsed(bad: list[Path], dataset: str) -> None:
+    if bad:
+        names = ", ".join(p.name for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        log.warning(
+            "%d PNG file(s) do not follow the %s naming and were left out: %s",
+            len(bad),
+            dataset,
+            names,
+        )
+
+
+def index_breakhis(data: str | Path) -> pd.DataFrame:
+    """Index BreakHis from the archive layout; `data` may be above, at or below `BreaKHis_v1`.
+
+    The patient key is the slide id (third `-` field of the file name). Slide 13412 has a DC
+    and an LC folder; grouping by slide id keeps both on the same side of every split.
+    """
+    root = Path(data).expanduser().resolve()
+    rows, bad = [], []
+    for path in _image_files(root):
+        m = BREAKHIS_NAME.match(path.name)
+        code = m["subtype"].upper() if m else None
+        if not m or code not in SUBTYPES or int(m["mag"]) not in MAGNIFICATIONS:
+            bad.append(path)
+            continue
+        benign = m["bm"].upper() == "B"
+        if benign != (code in BENIGN_SUBTYPES):
+            bad.append(path)
+            continue
+        rows.append(
+            {
+                "path": str(path),
+                "relpath": relative_key(path, root),
+                "filename": path.name,
+                "label": "benign" if benign else "malignant",
+                "subtype": code,
+                "subtype_name": SUBTYPES[code],
+                "magnification": int(m["mag"]),
+                "patient": m["slide"].upper(),
+                "slide_folder": path.parent.parent.name,
+            }
+        )
+    _report_unparsed(bad, "BreakHis")
+    if not rows:
+        raise UserError(
+            f"No BreakHis images found under {root}: {len(bad)} PNG file(s), none named "
+            "SOB_<B|M>_<subtype>-<yy>-<slide>-<mag>-<seq>.png; is this the BreakHis folder?"
+        )
+    return pd.DataFrame(rows)
+
+
+def index_idc(data: str | Path) -> pd.DataFrame:
+    """Index IDC patches from the Kaggle layout `<patient>/<0|1>/<name>.png`.
+
+    The label comes from the file name; a patch whose class folder disagrees is left out
+    and reported, since one of the two is wrong and we cannot tell which.
+    """
+    root = Path(data).expanduser().resolve()
+    rows, bad, mismatched = [], [], []
+    for path in _image_files(root):
+        m = IDC_NAME.match(path.name)
+        if not m:
+            bad.append(path)
+            continue
+        if path.parent.name in ("0", "1") and path.parent.name != m["cls"]:
+            mismatched.append(path)
+            continue
+        rows.append(
+            {
+                "path": str(path),
+                "relpath": relative_key(path, root),
+                "filename": path.name,
+                "label": IDC_CLASSES[int(m["cls"])],
+                "patient": m["patient"],
+                "x": int(m["x"]),
+                "y": int(m["y"]),
+            }
+        )
+    _report_unparsed(bad, "IDC")
+    if mismatched:
+        log.warning(
+            "%d IDC patch(es) sit in a class folder that disagrees with their name and were "
+            "left out: %s",
+            len(mismatched),
+            ", ".join(p.name for p in mismatched[:5]),
+        )
+    if not rows:
+        raise UserError(
+            f"No IDC patches found under {root}: {len(bad)} PNG file(s), none named "
+            "<patient>_idx5_x<X>_y<Y>_class<0|1>.png; is this the IDC folder?"
+        )
+    return pd.DataFrame(rows)
+
+
+def build_index(data: str | Path, dataset: str = "breakhis") -> pd.DataFrame:
+    if dataset == "breakhis":
+        return index_breakhis(data)
+    if dataset == "idc":
+        return index_idc(data)
+    raise UserError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}.")
+
+
+def parse_magnification(value: str | None) -> list[int] | None:
+    """`all` or `40X,200X` (the X optional) to a list of magnifications, None meaning all."""
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    mags = []
+    for part in value.split(","):
+        text = part.strip().upper().removesuffix("X")
+        if not text.isdigit() or int(text) not in MAGNIFICATIONS:
+            raise UserError(
+                f"Unknown magnification {part.strip()!r}; use all or a list of "
+                "40X, 100X, 200X, 400X."
+            )
+        mags.append(int(text))
+    return sorted(set(mags))
+
+
+def filter_magnification(index: pd.DataFrame, mags: list[int] | None) -> pd.DataFrame:
+    if mags is None:
+        return index
+    if "magnification" not in index:
+        raise UserError("--magnification applies to BreakHis only; IDC patches have none.")
+    out = index[index["magnification"].isin(mags)].reset_index(drop=True)
+    if out.empty:
+        raise UserError(f"No images at magnification {', '.join(f'{m}X' for m in mags)}.")
+    return out
+
+
+def summary(index: pd.DataFrame) -> str:
+    """The tables a reader checks against the published counts."""
+    lines = [f"{len(index)} images, {index['patient'].nunique()} patients"]
+    if "magnification" in index:
+        table = pd.crosstab(
+            index["label"],
+            index["magnification"].map(lambda m: f"{m}X"),
+            margins=True,
+            margins_name="total",
+        )
+        cols = [f"{m}X" for m in MAGNIFICATIONS if f"{m}X" in table.columns] + ["total"]
+        lines += ["", "Images by label and magnification:", table[cols].to_string()]
+        sub = (
+            index.groupby(["label", "subtype", "subtype_name"])
+            .agg(
+                images=("path", "size"),
+                patients=("patient", "nunique"),
+                slide_folders=("slide_folder", "nunique"),
+            )
+            .reset_index()
+        )
+        order = {c: i for i, c in enumerate(SUBTYPES)}
+        sub = sub.sort_values("subtype", key=lambda s: s.map(order))
+        lines += ["", "Subtypes:", sub.to_string(index=False)]
+        lines += ["", f"Slide folders: {index['slide_folder'].nunique()}"]
+    per_label = index.groupby("label").agg(images=("path", "size"), patients=("patient", "nunique"))
+    lines += ["", "Images and patients by label:", per_label.to_string()]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real test data beside the repository, and a full-scale BreakHis tree."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# BREAKHIS_TL_SHARED_DATA points elsewhere; CI sets BREAKHIS_TL_REQUIRE_DATA=1 so nothing skips.
+SHARED = Path(os.environ.get("BREAKHIS_TL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("BREAKHIS_TL_OFFLINE", "1")  # never try a weights download in tests
+
+
+def _shared(sub: str) -> Path:
+    path = SHARED / sub
+    if not path.exists():
+        if os.environ.get("BREAKHIS_TL_REQUIRE_DATA"):
+            pytest.fail(f"test data {path} is missing")
+        pytest.skip(f"test data {path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def breakhis_sample() -> Path:
+    return _shared("breakhis_sample")
+
+
+@pytest.fixture(scope="session")
+def idc_sample() -> Path:
+    return _shared("idc_sample")
+
+
+@pytest.fixture(scope="session")
+def breakhis_layout() -> pd.DataFrame:
+    return pd.read_csv(_shared("breakhis_layout.csv"))
+
+
+def png_bytes(size=(8, 8), color=(200, 120, 180)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def full_tree(tmp_path_factory, breakhis_layout) -> Path:
+    """All 7,909 real BreakHis paths, each a tiny PNG: the index sees the real archive."""
+    root = tmp_path_factory.mktemp("full")
+    data = png_bytes()
+    for rel in breakhis_layout["path"]:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def full_folds_csv(full_tree) -> Path:
+    """A Folds.csv in the official format: 5 folds, train/test by slide folder (about 70/30).
+
+    Slide 13412 has a DC and an LC folder; fold 1 puts them on opposite sides, as a
+    folder-wise assignment can, so the warning for shared slide ids is exercised.
+    """
+    from breakhis_tl.index import index_breakhis
+
+    index = index_breakhis(full_tree)
+    rows = []
+    folders = sorted(index["slide_folder"].unique())
+    for fold in range(1, 6):
+        test = {f for f in folders[fold - 1 :: 4] if not f.endswith("-13412")}
+        if fold == 1:
+            test.add("SOB_M_DC_14-13412")
+        for r in index.itertuples():
+            grp = "test" if r.slide_folder in test else "train"
+            rows.append((fold, r.magnification, grp, r.relpath))
+    path = full_tree / "Folds.csv"
+    pd.DataFrame(rows, columns=["fold", "mag", "grp", "filename"]).to_csv(path, index=False)
+    return path

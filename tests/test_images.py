@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from breakhis_tl.dataset import ImageDataset, collate, make_loader
+from breakhis_tl.images import ImageError, load_rgb
+from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral
+
+
+def _save(tmp_path, name, im, **kw):
+    p = tmp_path / name
+    im.save(p, **kw)
+    return p
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16", "1"])
+def test_modes_become_rgb(tmp_path, mode):
+    arr = (np.arange(64 * 48) % 256).reshape(48, 64).astype(np.uint8)
+    if mode == "I;16":
+        im = Image.fromarray(arr.astype(np.uint16) * 257)
+    else:
+        im = Image.fromarray(arr, "L").convert(mode)
+    out = load_rgb(_save(tmp_path, "x.png", im))
+    assert out.mode == "RGB" and out.size == (64, 48)
+    if mode in ("L", "I;16"):
+        # 16-bit values are scaled down, not clipped to white
+        assert np.abs(np.asarray(out)[..., 0].astype(int) - arr).max() <= 1
+
+
+def test_bad_files_one_sentence(tmp_path, breakhis_sample):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty.png is empty \(0 bytes\)"):
+        load_rgb(empty)
+    text = tmp_path / "text.png"
+    text.write_text("hello, not an image")
+    with pytest.raises(ImageError, match="text.png is not an image that Pillow can read"):
+        load_rgb(text)
+    real = next(breakhis_sample.rglob("*.png")).read_bytes()
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(real[: len(real) // 2])
+    with pytest.raises(ImageError, match="trunc.png is truncated or corrupt"):
+        load_rgb(trunc)
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    p = _save(tmp_path, "big.png", Image.new("RGB", (300, 300)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="big.png is too large to decode safely"):
+        load_rgb(p)
+
+
+def test_dataset_reports_failures_and_keeps_others(tmp_path, breakhis_sample):
+    good = sorted(breakhis_sample.rglob("*.png"))[:3]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    ds = ImageDataset([*good[:2], bad, good[2]], decode_transform(Preprocessing()), [0, 1, 0, 1])
+    x, y, idx, failed, sizes = collate([ds[i] for i in range(4)])
+    assert x.shape == (3, 3, 224, 224) and x.dtype.is_floating_point is False
+    assert idx.tolist() == [0, 1, 3] and y.tolist() == [0, 1, 1]
+    assert failed[0][0] == 2 and "bad.png" in failed[0][1]
+    assert sizes == [(700, 460)] * 3
+    batches = list(make_loader(ds, batch_size=2, workers=1))
+    assert sum(len(b[2]) for b in batches) == 3
+
+
+def test_dihedral_views_are_distinct_and_invertible():
+    x = torch_arange()
+    views = [dihedral(x, k) for k in range(N_VIEWS)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    assert (dihedral(dihedral(x, 1), 3) == x).all()
+
+
+def torch_arange():
+    import torch
+
+    return torch.arange(16).reshape(1, 4, 4)
