@@ -136,7 +136,106 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="write the split to this CSV file")
 
+    p = sub.add_parser(
+        "train",
+        help="extract features once and train a head per architecture",
+        description="Split by patient, extract frozen-backbone features once "
+        "(cached), train a classifier head per architecture, and write heads, "
+        "results.csv, TensorBoard logs and validation graphs.",
+    )
+    _data_args(p, data_required=False)
+    _split_args(p)
+    p.add_argument(
+        "--archs", default="all", help="comma-separated architectures, or all (the 7 defaults)"
+    )
+    p.add_argument(
+        "--weights",
+        default="default",
+        help="default (ImageNet), none (random init) or a weights file",
+    )
+    p.add_argument("--fold", default=None, help="fold K or all (cv: all folds; folds: fold 1)")
+    p.add_argument(
+        "--cv",
+        type=positive_int,
+        default=None,
+        help="K-fold cross-validation (patient: grouped; random: image-level)",
+    )
+    p.add_argument("--split-file", default=None, help="reuse a split written by `split --out`")
+    p.add_argument("--head", default="linear", help="linear or mlp")
+    p.add_argument("--epochs", type=positive_int, default=30, help="maximum epochs (default 30)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
+    p.add_argument("--patience", type=positive_int, default=10, help="early-stopping patience")
+    p.add_argument("--hidden", type=positive_int, default=512, help="mlp hidden units")
+    p.add_argument("--dropout", type=fraction_or_zero, default=0.5)
+    p.add_argument(
+        "--views",
+        type=positive_int,
+        default=1,
+        help="cached flips/90-degree rotations per training image (1-8)",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="end to end: backbone pass every epoch (slow baseline)",
+    )
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
+    p.add_argument("--run", default=None, help="run name (default: a timestamp)")
+    p.add_argument("--out", default=".", help="folder for the output folders (default: .)")
     return parser
+
+
+def fraction_or_zero(text: str) -> float:
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
+    return value
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from breakhis_tl.backbones import parse_archs
+    from breakhis_tl.runner import RunConfig, results_table, run_training
+    from breakhis_tl.training import TrainConfig
+
+    cfg = RunConfig(
+        data=args.data, dataset=args.dataset, archs=parse_archs(args.archs),
+        weights=args.weights, task=args.task, magnification=args.magnification,
+        protocol=args.protocol, fold=args.fold, cv=args.cv, split_file=args.split_file,
+        folds_csv=args.folds_csv, val_frac=args.val_frac, test_frac=args.test_frac,
+        views=args.views, no_cache=args.no_cache, strict=args.strict, device=args.device,
+        run=args.run, out=args.out, cache_dir=args.cache_dir, workers=args.workers,
+        train=TrainConfig(
+            head=args.head, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            patience=args.patience, seed=args.seed,
+        ),
+    )  # fmt: skip
+    command = "python -m breakhis_tl " + " ".join(sys.argv[1:])
+    try:
+        result = run_training(cfg, command)
+    except KeyboardInterrupt:
+        print(
+            "Interrupted before training finished; completed cache entries are kept.",
+            file=sys.stderr,
+        )
+        return 130
+    print(results_table(result.results))
+    print(f"\nHeads and results.csv: {result.folders['models']}")
+    print(
+        f"TensorBoard logs:      {result.folders['logs']}  (tensorboard --logdir "
+        f"{result.folders['logs'].parent})"
+    )
+    print(f"Validation graphs:     {result.folders['graphs']}")
+    if result.skipped:
+        print(f"{len(result.skipped)} unreadable image(s) were skipped; see the log above.")
+    if result.interrupted:
+        print("Interrupted: the best heads so far, logs and graphs are saved.", file=sys.stderr)
+        return 130
+    return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -214,7 +313,7 @@ def _write_csv(df, path: str, writer=None) -> None:
     print(f"Wrote {path}.")
 
 
-COMMANDS = {"download": cmd_download, "index": cmd_index, "split": cmd_split}
+COMMANDS = {"download": cmd_download, "index": cmd_index, "split": cmd_split, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,104 @@
+"""Classifier heads and the head file: weights plus everything needed to use them later.
+
+A head file is a `torch.save` dict of a format tag, a JSON string of metadata and a state dict
+of tensors. `torch.load(weights_only=True)` reads exactly that and refuses any other pickled
+object, so loading a head shared by someone else cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from breakhis_tl.errors import UserError
+
+HEAD_FORMAT = "breakhis_tl.head/1"
+HEADS = ("linear", "mlp")
+
+
+def make_head(
+    kind: str, in_dim: int, n_classes: int, hidden: int = 512, dropout: float = 0.5
+) -> nn.Module:
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+        )
+    raise UserError(f"Unknown head {kind!r}; choose one of: {', '.join(HEADS)}.")
+
+
+def save_head(path: str | Path, head: nn.Module, meta: dict) -> Path:
+    """Atomic: written to a temporary file, then renamed over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": HEAD_FORMAT,
+        "meta": json.dumps(meta, default=_jsonable),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def read_head_file(path: str | Path) -> tuple[dict, dict]:
+    """(metadata, state dict), or one sentence saying why this is not a head file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Head file {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"Head file {path} holds pickled objects other than tensors; it was refused "
+            "and nothing in it was run."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a breakhis_tl head file ({exc}).") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise UserError(f"{path} is not a breakhis_tl head file (no format tag).")
+    if payload["format"] != HEAD_FORMAT:
+        raise UserError(
+            f"Head file {path} has format {payload['format']!r}; this version of breakhis_tl "
+            f"reads {HEAD_FORMAT!r}."
+        )
+    try:
+        meta = json.loads(payload["meta"])
+        state = payload["state_dict"]
+        assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise UserError(
+            f"Head file {path} is damaged: its metadata or weights are missing."
+        ) from None
+    return meta, state
+
+
+def load_head(path: str | Path) -> tuple[nn.Module, dict]:
+    meta, state = read_head_file(path)
+    try:
+        head = make_head(
+            meta["head"],
+            int(meta["feature_dim"]),
+            len(meta["classes"]),
+            int(meta.get("hidden", 512)),
+            float(meta.get("dropout", 0.5)),
+        )
+        head.load_state_dict(state)
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"Head file {path} does not match its own metadata ({exc}).") from None
+    return head.eval(), meta

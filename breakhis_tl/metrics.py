@@ -1,0 +1,84 @@
+"""Standard metrics from scikit-learn, plus Spanhol's image- and patient-level rates.
+
+Image-level recognition rate is the share of images classified correctly (= accuracy).
+Patient-level recognition rate is the mean over patients of each patient's share of correctly
+classified images (Spanhol et al. 2016), so a patient with many images does not dominate.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+from sklearn.exceptions import UndefinedMetricWarning
+
+log = logging.getLogger(__name__)
+
+METRICS = (
+    "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auc",
+    "image_rate", "patient_rate",
+)  # fmt: skip
+
+
+def patient_rate(y_true, y_pred, patients) -> float:
+    df = pd.DataFrame({"p": np.asarray(patients), "ok": np.asarray(y_true) == np.asarray(y_pred)})
+    return float(df.groupby("p")["ok"].mean().mean()) if len(df) else float("nan")
+
+
+def compute_metrics(y_true, probs, classes: list[str], patients=None) -> dict:
+    """Binary metrics for two classes (positive = the second), macro averages for more.
+
+    A metric that is undefined on this data (a single class present, nothing predicted
+    positive) is NaN with a warning, never an exception.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    labels = list(range(k))
+    out = {m: float("nan") for m in METRICS}
+    out["n_images"] = int(len(y_true))
+    out["n_patients"] = int(len(set(patients))) if patients is not None else None
+    if len(y_true) == 0:
+        return out
+    y_pred = probs.argmax(1)
+    avg = "binary" if k == 2 else "macro"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["accuracy"] = skm.accuracy_score(y_true, y_pred)
+        out["balanced_accuracy"] = skm.balanced_accuracy_score(y_true, y_pred)
+        kw = {"average": avg, "zero_division": np.nan}
+        if k > 2:
+            kw["labels"] = labels
+        out["precision"] = skm.precision_score(y_true, y_pred, **kw)
+        out["recall"] = skm.recall_score(y_true, y_pred, **kw)
+        out["f1"] = skm.f1_score(y_true, y_pred, **kw)
+    present = np.unique(y_true)
+    if len(present) < 2:
+        log.warning(
+            "Only one class (%s) in this split: AUC is undefined (NaN).", classes[present[0]]
+        )
+    else:
+        try:
+            if k == 2:
+                out["auc"] = skm.roc_auc_score(y_true, probs[:, 1])
+            else:
+                out["auc"] = skm.roc_auc_score(
+                    y_true,
+                    probs / probs.sum(1, keepdims=True),
+                    multi_class="ovr",
+                    average="macro",
+                    labels=labels,
+                )
+        except ValueError as exc:
+            log.warning("AUC is undefined on this split (%s): NaN.", exc)
+    if any(issubclass(w.category, UndefinedMetricWarning) for w in caught):
+        log.warning("Some metrics are undefined on this split and are NaN.")
+    out["image_rate"] = out["accuracy"]
+    if patients is not None:
+        out["patient_rate"] = patient_rate(y_true, y_pred, patients)
+    out = {m: (float(v) if isinstance(v, (float, np.floating)) else v) for m, v in out.items()}
+    out["confusion"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    return out

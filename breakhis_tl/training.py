@@ -1,0 +1,216 @@
+"""Training a head: on cached features (the fast path) or end to end (the slow baseline).
+
+Both share one epoch loop: AdamW, class-weighted cross-entropy, the best head by validation
+balanced accuracy, early stopping. They differ only in where a batch of features comes from.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+
+from breakhis_tl.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    head: str = "linear"  # linear or mlp (one hidden layer)
+    hidden: int = 512  # mlp hidden units
+    dropout: float = 0.5  # before the last layer
+    epochs: int = 30  # upper bound; early stopping may end sooner
+    batch_size: int = 64  # feature batches are cheap: larger is fine
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    patience: int = 10  # epochs without a better val balanced accuracy before stopping
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    history: list[dict]  # one dict per epoch: train_* and val_* metrics, losses, seconds
+    best_state: dict
+    best_epoch: int
+    interrupted: bool
+    seconds: float
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """'balanced' weights (BreakHis is 69% malignant), from scikit-learn."""
+    present = np.unique(y)
+    w = compute_class_weight("balanced", classes=present, y=y)
+    full = np.ones(n_classes)
+    full[present] = w
+    return torch.tensor(full, dtype=torch.float32)
+
+
+def _score(metrics: dict) -> float:
+    v = metrics.get("balanced_accuracy", float("nan"))
+    return -math.inf if v is None or math.isnan(v) else v
+
+
+def fit(
+    head: nn.Module,
+    train_batches: Callable[[int], Batches],
+    evaluate_val: Callable[[nn.Module], tuple[np.ndarray, np.ndarray, list]],
+    train_labels: np.ndarray,
+    classes: list[str],
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    device: torch.device | str = "cpu",
+) -> FitResult:
+    """`train_batches(epoch)` yields (features, labels); `evaluate_val(head)` returns
+    (labels, probabilities, patients) of the validation images."""
+    torch.manual_seed(cfg.seed)
+    head.to(device)
+    weights = class_weights(train_labels, len(classes)).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    best, best_epoch, best_state, since_best = -math.inf, 0, copy.deepcopy(head.state_dict()), 0
+    start = time.perf_counter()
+    interrupted = False
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        head.train()
+        losses, ys, ps = [], [], []
+        for x, y in train_batches(epoch):
+            x, y = x.to(device).float(), y.to(device)
+            logits = head(x)
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append((loss.item(), len(y)))
+            ys.append(y.cpu())
+            ps.append(torch.softmax(logits.detach(), 1).cpu())
+        head.eval()
+        y_val, p_val, patients = evaluate_val(head)
+        train_m = compute_metrics(torch.cat(ys).numpy(), torch.cat(ps).numpy(), classes)
+        val_m = compute_metrics(y_val, p_val, classes, patients)
+        val_loss = nn.functional.nll_loss(
+            torch.log(torch.as_tensor(p_val).clamp_min(1e-12)).float(),
+            torch.as_tensor(y_val), weight=weights.cpu(),
+        ).item() if len(y_val) else float("nan")  # fmt: skip
+        logs = {
+            "epoch": epoch,
+            "train_loss": sum(a * n for a, n in losses) / max(1, sum(n for _, n in losses)),
+            "val_loss": val_loss,
+            **{f"train_{k}": v for k, v in train_m.items() if k != "confusion"},
+            **{f"val_{k}": v for k, v in val_m.items() if k != "confusion"},
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(logs)
+        if on_epoch:
+            on_epoch(epoch, logs)
+        score = _score(val_m)
+        if score > best or epoch == 1:
+            best, best_epoch, since_best = score, epoch, 0
+            best_state = copy.deepcopy(head.state_dict())
+        else:
+            since_best += 1
+        if should_stop():
+            interrupted = True
+            log.warning("Interrupted: stopped after epoch %d, keeping the best head so far.", epoch)
+            break
+        if since_best >= cfg.patience:
+            log.info(
+                "Early stop at epoch %d: no better val balanced accuracy for %d epochs.",
+                epoch,
+                cfg.patience,
+            )
+            break
+    head.load_state_dict(best_state)
+    head.eval()
+    return FitResult(history, best_state, best_epoch, interrupted, time.perf_counter() - start)
+
+
+def feature_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
+) -> Callable[[int], Batches]:
+    """Shuffled minibatches of cached features, reshuffled (seeded) every epoch."""
+
+    def batches(epoch: int) -> Batches:
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(y), generator=g)
+        for i in range(0, len(order), batch_size):
+            j = order[i : i + batch_size]
+            yield x[j], y[j]
+
+    return batches
+
+
+@torch.inference_mode()
+def predict_features(
+    head: nn.Module, x: torch.Tensor, device="cpu", batch_size: int = 4096
+) -> np.ndarray:
+    head.eval().to(device)
+    out = [
+        torch.softmax(head(x[i : i + batch_size].to(device).float()), 1).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def end_to_end_batches(
+    backbone,
+    paths: list[str],
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    device,
+    path,
+    workers: int | None = None,
+) -> Callable[[int], Batches]:
+    """Every epoch, every training image through the frozen backbone with online augmentation:
+    what most tutorials do, and the baseline the feature cache is measured against."""
+    from breakhis_tl.dataset import ImageDataset, make_loader
+    from breakhis_tl.features import run_backbone
+    from breakhis_tl.transforms import train_preset
+
+    ds = ImageDataset(paths, train_preset(backbone.prep), labels.tolist())
+
+    def batches(epoch: int) -> Batches:
+        torch.manual_seed(seed * 1000 + epoch)
+        for x, y, _, _, _ in make_loader(
+            ds, batch_size, workers, shuffle=True, seed=seed * 1000 + epoch
+        ):
+            if x is not None:
+                yield run_backbone(backbone, x.to(device), path), y
+
+    return batches
+
+
+def end_to_end_features(
+    backbone, paths: list[str], batch_size: int, device, path, workers: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-preset features of `paths` computed now (no cache): (features, ok mask)."""
+    from breakhis_tl.dataset import ImageDataset, make_loader
+    from breakhis_tl.features import run_backbone
+    from breakhis_tl.transforms import eval_preset
+
+    ds = ImageDataset(paths, eval_preset(backbone.prep))
+    feats = torch.zeros(len(paths), backbone.feature_dim)
+    ok = torch.zeros(len(paths), dtype=torch.bool)
+    for x, _, idx, _, _ in make_loader(ds, batch_size, workers):
+        if x is not None:
+            feats[idx] = run_backbone(backbone, x.to(device), path).cpu()
+            ok[idx] = True
+    return feats, ok
