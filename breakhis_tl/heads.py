@@ -68,8 +68,8 @@ def read_head_file(path: str | Path) -> tuple[dict, dict]:
             f"Head file {path} holds pickled objects other than tensors; it was refused "
             "and nothing in it was run."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a breakhis_tl head file ({exc}).") from None
+    except Exception as exc:  # torch.load raises many types for files that are not its own
+        raise UserError(f"{path} is not a breakhis_tl head file ({type(exc).__name__}).") from None
     if not isinstance(payload, dict) or "format" not in payload:
         raise UserError(f"{path} is not a breakhis_tl head file (no format tag).")
     if payload["format"] != HEAD_FORMAT:

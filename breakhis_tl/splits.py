@@ -324,10 +324,6 @@ def check_classes(df: pd.DataFrame, task: str, classes: list[str]) -> None:
     target = target_column(task)
     present = set(df.loc[df["split"] == "train", target])
     missing = [c for c in classes if c not in present]
-    if missing and len(present) < 2:
-        raise UserError(
-            f"The train split has a single class ({', '.join(present)}); nothing to learn."
-        )
     if missing:
         raise UserError(
             f"Class(es) {', '.join(missing)} have no training image in this split; choose a "

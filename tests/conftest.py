@@ -81,3 +81,23 @@ def full_folds_csv(full_tree) -> Path:
     path = full_tree / "Folds.csv"
     pd.DataFrame(rows, columns=["fold", "mag", "grp", "filename"]).to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory, breakhis_sample):
+    """One real training run on the 14 sample images with the pretrained offline backbone."""
+    from breakhis_tl.runner import RunConfig, run_training
+    from breakhis_tl.training import TrainConfig
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(
+        data=str(breakhis_sample),
+        archs=["efficientnet_lite0"],
+        run="sample",
+        out=str(out),
+        views=2,
+        workers=0,
+        progress=False,
+        train=TrainConfig(epochs=8, seed=0),
+    )
+    return cfg, run_training(cfg, command="pytest sample_run")

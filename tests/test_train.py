@@ -1,0 +1,228 @@
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from breakhis_tl.cli import main
+from breakhis_tl.errors import UserError
+from breakhis_tl.heads import load_head
+from breakhis_tl.runner import RunConfig, run_training
+from breakhis_tl.training import TrainConfig
+
+
+def test_run_writes_heads_results_logs_and_graphs(sample_run):
+    cfg, res = sample_run
+    models, logs, graphs = res.folders["models"], res.folders["logs"], res.folders["graphs"]
+    results = pd.read_csv(models / "results.csv")
+    assert results["split"].tolist() == ["val", "test"]
+    assert {"balanced_accuracy", "patient_rate", "image_rate", "auc", "n_patients"} <= set(results)
+    assert (
+        results["n_images"].sum() + (pd.read_csv(models / "split.csv")["split"] == "train").sum()
+        == 14
+    )
+    head, meta = load_head(models / "efficientnet_lite0.pt")
+    assert meta["classes"] == ["benign", "malignant"] and meta["feature_dim"] == 1280
+    assert meta["arch"] == "efficientnet_lite0" and meta["weights_id"] == "default"
+    assert meta["task"] == "binary" and meta["protocol"] == "patient" and meta["seed"] == 0
+    assert meta["prep"]["input_size"] == 224 and meta["package_version"]
+    assert meta["metrics"]["val"]["balanced_accuracy"] == pytest.approx(
+        results.loc[results["split"] == "val", "balanced_accuracy"].item(), nan_ok=True
+    )
+    history = pd.read_csv(models / "history.csv")
+    assert len(history) == res.results["epochs_run"].iloc[0] and "val_f1" in history
+    preds = pd.read_csv(models / "predictions.csv")
+    assert np.allclose(preds[["prob_benign", "prob_malignant"]].sum(axis=1), 1, atol=1e-5)
+    for name in (
+        "efficientnet_lite0_curves.png",
+        "efficientnet_lite0_confusion.png",
+        "compare_accuracy.png",
+        "compare_precision.png",
+        "compare_recall.png",
+        "compare_f1.png",
+    ):
+        assert (graphs / name).stat().st_size > 5000
+    acc = EventAccumulator(str(logs / "efficientnet_lite0")).Reload()
+    tags = acc.Tags()
+    assert {"val/balanced_accuracy", "val/f1", "train/accuracy"} <= set(tags["scalars"])
+    assert len(acc.Scalars("val/balanced_accuracy")) == len(history)
+    assert any(t.startswith("confusion/") for t in tags["images"])
+    assert "config/text_summary" in tags["tensors"] or tags["tensors"]
+
+
+def test_second_run_extracts_nothing_and_matches(sample_run, caplog):
+    cfg, first = sample_run
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        second = run_training(dataclasses.replace(cfg, run="again"), command="pytest again")
+    assert second.cache_used and "Feature cache used: nothing extracted" in caplog.text
+    cols = ["balanced_accuracy", "accuracy", "f1", "auc", "patient_rate"]
+    pd.testing.assert_frame_equal(first.results[cols], second.results[cols])
+
+
+def test_resnet50_pretrained_cannot_work_offline_and_says_why(
+    breakhis_sample, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    code = main(
+        [
+            "train",
+            "--data",
+            str(breakhis_sample),
+            "--archs",
+            "efficientnet_lite0,resnet50",
+            "--weights",
+            "default",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ImageNet weights of resnet50 are not cached" in err and "resnet50-" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "data" / "cache").exists()  # stopped before any extraction
+
+
+def test_random_init_resnet50_trains(breakhis_sample, tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--data",
+            str(breakhis_sample),
+            "--archs",
+            "resnet50",
+            "--weights",
+            "none",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--run",
+            "r",
+            "--workers",
+            "0",
+        ]
+    )
+    assert code == 0
+    assert "resnet50" in capsys.readouterr().out
+    meta = load_head(tmp_path / "trained_models/r/resnet50.pt")[1]
+    assert meta["weights_id"] == "none-seed0"
+    assert len(pd.read_csv(tmp_path / "trained_models/r/results.csv")) == 2
+
+
+def test_idc_pretrained_beats_random_init(idc_sample, tmp_path):
+    scores = {}
+    for weights in ("default", "none"):
+        cfg = RunConfig(
+            data=str(idc_sample),
+            dataset="idc",
+            archs=["efficientnet_lite0"],
+            weights=weights,
+            protocol="random",
+            cv=5,
+            run=weights,
+            out=str(tmp_path),
+            workers=0,
+            progress=False,
+            train=TrainConfig(epochs=30),
+        )
+        res = run_training(cfg)
+        val = res.results[res.results["split"] == "val"]
+        assert sorted(val["fold"]) == [1, 2, 3, 4, 5]
+        scores[weights] = val["balanced_accuracy"].mean()
+    assert scores["default"] > 0.8
+    assert scores["default"] - scores["none"] > 0.2
+
+
+def test_end_to_end_mode(breakhis_sample, tmp_path):
+    cfg = RunConfig(
+        data=str(breakhis_sample),
+        archs=["efficientnet_lite0"],
+        no_cache=True,
+        run="e2e",
+        out=str(tmp_path),
+        workers=0,
+        progress=False,
+        train=TrainConfig(epochs=2),
+    )
+    res = run_training(cfg)
+    assert res.results["cached"].eq(False).all() and len(res.results) == 2
+    assert not (tmp_path / "data" / "cache").exists()
+
+
+def _train(args, tmp_path, data):
+    return main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--archs",
+            "efficientnet_lite0",
+            "--out",
+            str(tmp_path),
+            *args,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "0"], "argument --epochs: 0 must be at least 1"),
+        (["--lr", "-0.1"], "argument --lr: -0.1 must be a positive number"),
+        (["--lr", "abc"], "argument --lr: 'abc' is not a number"),
+        (["--views", "9"], "--views must be between 1 and 8, not 9"),
+        (["--archs", "resnet51"], "Unknown architecture 'resnet51'"),
+        (["--task", "grade"], "Unknown task 'grade'"),
+        (["--protocol", "kfold"], "Unknown protocol 'kfold'"),
+        (["--head", "svm"], "Unknown head 'svm'"),
+        (["--device", "tpu"], "Unknown device 'tpu'"),
+        (["--task", "subtype"], "Cannot stratify a train/val/test split by patient"),
+    ],
+)
+def test_bad_train_options_one_sentence(args, message, tmp_path, breakhis_sample, capsys):
+    with pytest.raises(SystemExit) if message.startswith("argument") else _nothing():
+        code = _train(args, tmp_path, breakhis_sample)
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_unwritable_output(tmp_path, breakhis_sample, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert _train([], blocker, breakhis_sample) == 2
+    assert "Output folder" in capsys.readouterr().err
+
+
+def test_class_missing_from_training(tmp_path, breakhis_sample, capsys):
+    from breakhis_tl.index import index_breakhis
+
+    index = index_breakhis(breakhis_sample)
+    split = pd.DataFrame(
+        {"path": index["relpath"], "split": np.where(index["label"] == "malignant", "val", "train")}
+    )
+    split.to_csv(tmp_path / "split.csv", index=False)
+    assert _train(["--split-file", str(tmp_path / "split.csv")], tmp_path, breakhis_sample) == 2
+    assert "Class(es) malignant have no training image" in capsys.readouterr().err
+    with pytest.raises(UserError, match="malignant"):
+        run_training(
+            RunConfig(
+                data=str(breakhis_sample),
+                archs=["efficientnet_lite0"],
+                split_file=str(tmp_path / "split.csv"),
+                out=str(tmp_path),
+            )
+        )
