@@ -186,7 +186,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
     p.add_argument("--run", default=None, help="run name (default: a timestamp)")
     p.add_argument("--out", default=".", help="folder for the output folders (default: .)")
+    p = sub.add_parser(
+        "predict",
+        help="classify images with a saved head",
+        description="Load a head file, rebuild its frozen backbone, classify "
+        "images and folders (searched recursively), and aggregate per patient.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images or folders")
+    p.add_argument("--head", required=True, help="a head file from trained_models/<run>/")
+    p.add_argument("--out", default=None, help="write per-image predictions to this CSV")
+    p.add_argument("--patients", default=None, help="write the per-patient table to this CSV")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/90-degree rotations")
+    p.add_argument("--cam", default=None, metavar="DIR", help="write Grad-CAM overlays here")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
     return parser
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from breakhis_tl.predict import Classifier
+
+    clf = Classifier.from_head(args.head, device=args.device)
+    preds = clf.predict(args.paths, tta=args.tta, batch_size=args.batch_size, workers=args.workers)
+    patients = clf.patients(preds)
+    with pd.option_context(
+        "display.max_rows", 200, "display.width", 200, "display.max_colwidth", 60
+    ):
+        shown = preds.assign(path=preds["path"].map(lambda p: Path(p).name))
+        print(shown.to_string(index=False, float_format="%.3f"))
+        if len(patients):
+            print("\nPer patient:")
+            print(patients.to_string(index=False, float_format="%.3f"))
+    if args.out:
+        _write_csv(preds, args.out)
+    if args.patients:
+        _write_csv(patients, args.patients)
+    if args.cam:
+        written = clf.gradcam(preds.loc[preds["error"] == "", "path"].tolist(), args.cam)
+        print(f"Wrote {len(written)} Grad-CAM overlay(s) to {args.cam}.")
+    failed = int((preds["error"] != "").sum())
+    if failed:
+        print(
+            f"{failed} of {len(preds)} input(s) could not be classified; see the error column.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def fraction_or_zero(text: str) -> float:
@@ -313,7 +361,13 @@ def _write_csv(df, path: str, writer=None) -> None:
     print(f"Wrote {path}.")
 
 
-COMMANDS = {"download": cmd_download, "index": cmd_index, "split": cmd_split, "train": cmd_train}
+COMMANDS = {
+    "download": cmd_download,
+    "index": cmd_index,
+    "split": cmd_split,
+    "train": cmd_train,
+    "predict": cmd_predict,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ object, so loading a head shared by someone else cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -37,15 +38,27 @@ def save_head(path: str | Path, head: nn.Module, meta: dict) -> Path:
     """Atomic: written to a temporary file, then renamed over the target."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    text = json.dumps(meta, default=_jsonable)
     payload = {
         "format": HEAD_FORMAT,
-        "meta": json.dumps(meta, default=_jsonable),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+        "meta": text,
+        "state_dict": state,
+        "checksum": _checksum(text, state),
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _checksum(meta: str, state: dict) -> str:
+    """sha256 of metadata and weights: a file changed after saving is refused, not misused."""
+    h = hashlib.sha256(meta.encode())
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _jsonable(value):
@@ -85,6 +98,10 @@ def read_head_file(path: str | Path) -> tuple[dict, dict]:
         raise UserError(
             f"Head file {path} is damaged: its metadata or weights are missing."
         ) from None
+    if payload.get("checksum") != _checksum(payload["meta"], state):
+        raise UserError(
+            f"Head file {path} was changed after it was saved: its checksum does not match."
+        )
     return meta, state
 
 

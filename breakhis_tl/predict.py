@@ -1,0 +1,181 @@
+"""Inference from a head file alone: rebuild its frozen backbone and classify images.
+
+The head's metadata names the backbone, its weights and preprocessing, so a head shared as a
+single file is all a user needs. A bad image is a row with an `error`, never a lost batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from breakhis_tl.backbones import build_backbone
+from breakhis_tl.dataset import collate, default_workers
+from breakhis_tl.errors import UserError
+from breakhis_tl.features import fast_path, pick_device, prepare, run_backbone
+from breakhis_tl.heads import load_head
+from breakhis_tl.images import ImageError, _to_rgb, load_rgb
+from breakhis_tl.index import BREAKHIS_NAME, IDC_NAME
+from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral, normalize
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+Input = str | Path | Image.Image
+
+
+def expand_inputs(inputs: Input | Iterable[Input]) -> list[Input]:
+    """Folders are searched recursively for images; other paths are kept as given, so that a
+    missing or bad file shows up as a row with an error."""
+    if isinstance(inputs, (str, Path, Image.Image)):
+        inputs = [inputs]
+    out: list[Input] = []
+    for item in inputs:
+        if isinstance(item, Image.Image):
+            out.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
+            if not found:
+                raise UserError(f"No images found in folder {path}.")
+            out.extend(str(p) for p in found)
+        else:
+            out.append(str(path))
+    if not out:
+        raise UserError("No input images given.")
+    return out
+
+
+class _InputDataset(Dataset):
+    def __init__(self, items: list[Input], prep: Preprocessing):
+        self.items, self.decode = items, decode_transform(prep)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            im = _to_rgb(item) if isinstance(item, Image.Image) else load_rgb(item)
+        except ImageError as exc:
+            return None, i, i, str(exc), (0, 0)
+        return self.decode(im), i, i, "", im.size
+
+
+def patient_of(name: str) -> str | None:
+    """Patient (slide) id from a BreakHis or IDC file name; None for other names."""
+    base = Path(name).name
+    m = BREAKHIS_NAME.match(base)
+    if m:
+        return m["slide"].upper()
+    m = IDC_NAME.match(base)
+    return m["patient"] if m else None
+
+
+class Classifier:
+    """A frozen backbone and a trained head, rebuilt from a head file."""
+
+    def __init__(self, backbone, head: torch.nn.Module, meta: dict, device: torch.device):
+        self.backbone, self.head, self.meta, self.device = backbone, head, meta, device
+        self.classes: list[str] = list(meta["classes"])
+        self.prep = Preprocessing.from_dict(meta["prep"])
+        self.path = fast_path(device)
+        prepare(backbone, device, self.path)
+        head.to(device).eval()
+
+    @classmethod
+    def from_head(cls, path: str | Path, device: str = "auto") -> Classifier:
+        head, meta = load_head(path)
+        bb = build_backbone(meta["arch"], meta["weights"], int(meta.get("seed", 0)))
+        if bb.feature_dim != int(meta["feature_dim"]):
+            raise UserError(
+                f"Head {path} expects {meta['feature_dim']}-d features, but the {bb.name} "
+                f"backbone gives {bb.feature_dim}-d ones."
+            )
+        if bb.weights_id != meta.get("weights_id", bb.weights_id):
+            raise UserError(
+                f"Head {path} was trained on {meta['arch']} with weights {meta['weights_id']}, "
+                f"but the backbone rebuilt now has weights {bb.weights_id}."
+            )
+        return cls(bb, head, meta, pick_device(device))
+
+    @torch.inference_mode()
+    def _probs(self, x: torch.Tensor, tta: bool) -> torch.Tensor:
+        views = range(N_VIEWS) if tta else [0]
+        total = 0
+        for v in views:
+            f = run_backbone(self.backbone, normalize(dihedral(x, v), self.prep), self.path)
+            total = total + torch.softmax(self.head(f), 1)
+        return (total / len(views)).cpu()
+
+    def predict(
+        self,
+        inputs: Input | Iterable[Input],
+        tta: bool = False,
+        batch_size: int = 32,
+        workers: int | None = None,
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        """One row per input: path, prediction, prob_<class> (summing to 1) and error."""
+        items = expand_inputs(inputs)
+        has_pil = any(isinstance(i, Image.Image) for i in items)
+        loader = DataLoader(
+            _InputDataset(items, self.prep),
+            batch_size=batch_size,
+            collate_fn=collate,
+            num_workers=0 if has_pil else (default_workers() if workers is None else workers),
+        )
+        probs = np.full((len(items), len(self.classes)), np.nan)
+        errors = [""] * len(items)
+        for x, _, idx, failed, _ in tqdm(
+            loader, desc="predict", unit="batch", disable=not progress or len(loader) < 2
+        ):
+            for i, msg in failed:
+                errors[i] = msg
+            if x is not None:
+                probs[idx.numpy()] = self._probs(x.to(self.device), tta).numpy()
+        names = [
+            f"<image {i}>" if isinstance(it, Image.Image) else str(it) for i, it in enumerate(items)
+        ]
+        df = pd.DataFrame({"path": names})
+        ok = ~np.isnan(probs).any(1)
+        df["prediction"] = [
+            self.classes[k] if good else ""
+            for k, good in zip(np.nan_to_num(probs).argmax(1), ok, strict=True)
+        ]
+        for k, c in enumerate(self.classes):
+            df[f"prob_{c}"] = probs[:, k]
+        df["error"] = errors
+        for msg in filter(None, errors):
+            log.warning("%s", msg)
+        return df
+
+    def patients(self, predictions: pd.DataFrame) -> pd.DataFrame:
+        """One row per patient: mean probabilities, their argmax, and the number of images."""
+        df = predictions[predictions["error"] == ""].copy()
+        df["patient"] = df["path"].map(patient_of)
+        df = df.dropna(subset=["patient"])
+        cols = [f"prob_{c}" for c in self.classes]
+        if df.empty:
+            return pd.DataFrame(columns=["patient", *cols, "prediction", "n_images"])
+        table = df.groupby("patient", sort=True)[cols].mean()
+        table["prediction"] = [self.classes[k] for k in table[cols].to_numpy().argmax(1)]
+        table["n_images"] = df.groupby("patient").size()
+        return table.reset_index()
+
+    def gradcam(self, inputs: Input | Iterable[Input], out_dir: str | Path) -> list[Path]:
+        from breakhis_tl.cam import save_cams
+
+        return save_cams(self, expand_inputs(inputs), Path(out_dir))

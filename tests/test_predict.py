@@ -1,0 +1,185 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from breakhis_tl.cam import target_layer
+from breakhis_tl.cli import main
+from breakhis_tl.errors import UserError
+from breakhis_tl.heads import load_head, make_head, read_head_file, save_head
+from breakhis_tl.predict import Classifier, patient_of
+
+
+@pytest.fixture(scope="module")
+def head_file(sample_run):
+    return sample_run[1].heads["efficientnet_lite0"]
+
+
+@pytest.fixture(scope="module")
+def clf(head_file):
+    return Classifier.from_head(head_file, device="cpu")
+
+
+def _probs(df):
+    return df[["prob_benign", "prob_malignant"]].to_numpy()
+
+
+def test_predict_folder_and_patients(clf, breakhis_sample):
+    df = clf.predict(breakhis_sample, workers=0, progress=False)
+    assert len(df) == 14 and list(df.columns) == [
+        "path",
+        "prediction",
+        "prob_benign",
+        "prob_malignant",
+        "error",
+    ]
+    assert np.allclose(_probs(df).sum(1), 1, atol=1e-5)
+    assert (df["error"] == "").all()
+    assert set(df["prediction"]) <= {"benign", "malignant"}
+    pats = clf.patients(df)
+    assert len(pats) == 11 and pats["n_images"].sum() == 14
+    assert pats.set_index("patient").loc["25197", "n_images"] == 4
+    row = pats.set_index("patient").loc["25197"]
+    mask = df["path"].str.contains("-25197-")
+    assert row["prob_malignant"] == pytest.approx(df.loc[mask, "prob_malignant"].mean())
+
+
+def test_same_numbers_as_training_predictions(sample_run, clf):
+    """The head predicts at inference what the run wrote for its val/test images."""
+    cfg, res = sample_run
+    preds = res.predictions
+    paths = [f"{cfg.data}/{r}" for r in preds["relpath"]]
+    now = clf.predict(paths, workers=0, progress=False)
+    # training features were cached in fp16, so allow that rounding
+    assert np.allclose(_probs(now), preds[["prob_benign", "prob_malignant"]].to_numpy(), atol=2e-3)
+
+
+def test_cli_matches_api(clf, head_file, breakhis_sample, tmp_path, capsys):
+    code = main(
+        [
+            "predict",
+            "--head",
+            str(head_file),
+            str(breakhis_sample),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--patients",
+            str(tmp_path / "pp.csv"),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Per patient" in out and "SOB_B_A-14-22549AB-40-001.png" in out
+    cli = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    api = clf.predict(breakhis_sample, workers=0, progress=False)
+    assert cli["path"].tolist() == api["path"].tolist()
+    assert np.allclose(_probs(cli), _probs(api), atol=1e-6)
+    assert len(pd.read_csv(tmp_path / "pp.csv")) == 11
+
+
+def test_tta_and_gradcam(clf, breakhis_sample, tmp_path):
+    plain = clf.predict(breakhis_sample, workers=0, progress=False)
+    tta = clf.predict(breakhis_sample, tta=True, workers=0, progress=False)
+    assert np.allclose(_probs(tta).sum(1), 1, atol=1e-5)
+    assert not np.allclose(_probs(tta), _probs(plain))
+    written = clf.gradcam(breakhis_sample, tmp_path / "cam")
+    assert len(written) == 14 and len(list((tmp_path / "cam").glob("*_cam.png"))) == 14
+    im = Image.open(written[0])
+    assert im.size == (224, 224) and im.mode == "RGB"
+    # the heat map is not flat: it points somewhere
+    assert np.asarray(im).std() > 10
+
+
+def test_gradcam_not_for_vit():
+    with pytest.raises(UserError, match="Grad-CAM needs a convolutional feature map; vit_b_16"):
+        target_layer("vit_b_16", None)
+
+
+def test_mixed_good_and_bad_inputs(clf, head_file, breakhis_sample, tmp_path, capsys):
+    good = sorted(breakhis_sample.rglob("*.png"))[:3]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "trunc.png").write_bytes(good[0].read_bytes()[:3000])
+    bad = [
+        tmp_path / "empty.png",
+        tmp_path / "notes.png",
+        tmp_path / "trunc.png",
+        tmp_path / "missing.png",
+    ]
+    inputs = [str(good[0]), *map(str, bad[:2]), str(good[1]), *map(str, bad[2:]), str(good[2])]
+    df = clf.predict(inputs, workers=0, progress=False)
+    ok = df["error"] == ""
+    assert ok.tolist() == [True, False, False, True, False, False, True]
+    assert np.allclose(_probs(df[ok]).sum(1), 1, atol=1e-5)
+    assert "empty.png is empty" in df["error"][1] and "missing.png does not exist" in df["error"][5]
+    code = main(
+        [
+            "predict",
+            "--head",
+            str(head_file),
+            *inputs,
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ]
+    )
+    assert code == 1
+    assert "4 of 7 input(s) could not be classified" in capsys.readouterr().err
+    written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert len(written) == 7 and (written["error"] != "").sum() == 4
+
+
+def test_pil_images(clf, breakhis_sample):
+    ims = [Image.open(p).convert("L") for p in sorted(breakhis_sample.rglob("*.png"))[:2]]
+    df = clf.predict(ims, progress=False)
+    assert df["path"].tolist() == ["<image 0>", "<image 1>"] and (df["error"] == "").all()
+
+
+def test_empty_folder(clf, tmp_path, head_file, capsys):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "readme.txt").write_text("x")
+    with pytest.raises(UserError, match="No images found in folder"):
+        clf.predict(tmp_path, progress=False)
+    assert main(["predict", "--head", str(head_file), str(tmp_path)]) == 2
+    assert "No images found in folder" in capsys.readouterr().err
+
+
+def test_metadata_mismatch(head_file, tmp_path):
+    head, meta = load_head(head_file)
+    bad = tmp_path / "bad.pt"
+    save_head(bad, make_head("linear", 1024, 2), {**meta, "feature_dim": 1024})
+    with pytest.raises(
+        UserError,
+        match="expects 1024-d features, but the efficientnet_lite0 backbone gives 1280-d ones",
+    ):
+        Classifier.from_head(bad)
+    other = tmp_path / "other.pt"
+    save_head(other, head, {**meta, "weights_id": "none-seed0"})
+    with pytest.raises(UserError, match="trained on efficientnet_lite0 with weights none-seed0"):
+        Classifier.from_head(other)
+
+
+def test_tampered_head_refused(head_file, tmp_path, capsys):
+    _, state = read_head_file(head_file)
+    weight = state["1.weight"].numpy().tobytes()
+    data = bytearray(head_file.read_bytes())
+    at = bytes(data).index(weight[:64])  # the stored weights, uncompressed in the zip
+    data[at : at + 4] = np.float32(123.0).tobytes()
+    tampered = tmp_path / "tampered.pt"
+    tampered.write_bytes(bytes(data))
+    assert main(["predict", "--head", str(tampered), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "tampered.pt was changed after it was saved" in err and "Traceback" not in err
+
+
+def test_patient_of():
+    assert patient_of("x/SOB_M_DC-14-13412-100-003.png") == "13412"
+    assert patient_of("8975_idx5_x101_y1201_class0.png") == "8975"
+    assert patient_of("photo.png") is None
