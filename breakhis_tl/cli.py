@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights",
         default="default",
-        help="default (ImageNet), none (random init) or a weights file",
+        help="default (ImageNet), none (random init) or a weights file; per architecture: "
+        "default,resnet50=none",
     )
     p.add_argument("--fold", default=None, help="fold K or all (cv: all folds; folds: fold 1)")
     p.add_argument(
@@ -246,7 +247,7 @@ def fraction_or_zero(text: str) -> float:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from breakhis_tl.backbones import parse_archs
-    from breakhis_tl.runner import RunConfig, results_table, run_training
+    from breakhis_tl.runner import RunConfig, summary_table, run_training
     from breakhis_tl.training import TrainConfig
 
     cfg = RunConfig(
@@ -271,7 +272,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(results_table(result.results))
+    print(summary_table(result.results))
     print(f"\nHeads and results.csv: {result.folders['models']}")
     print(
         f"TensorBoard logs:      {result.folders['logs']}  (tensorboard --logdir "
@@ -381,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command line only writes PNGs; never open a window
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

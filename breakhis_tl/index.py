@@ -197,9 +197,9 @@ def filter_magnification(index: pd.DataFrame, mags: list[int] | None) -> pd.Data
     return out
 
 
-def summary(index: pd.DataFrame) -> str:
-    """The tables a reader checks against the published counts."""
-    lines = [f"{len(index)} images, {index['patient'].nunique()} patients"]
+def index_tables(index: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The tables a reader checks against the published counts, as DataFrames."""
+    tables = {}
     if "magnification" in index:
         table = pd.crosstab(
             index["label"],
@@ -208,7 +208,7 @@ def summary(index: pd.DataFrame) -> str:
             margins_name="total",
         )
         cols = [f"{m}X" for m in MAGNIFICATIONS if f"{m}X" in table.columns] + ["total"]
-        lines += ["", "Images by label and magnification:", table[cols].to_string()]
+        tables["Images by label and magnification"] = table[cols]
         sub = (
             index.groupby(["label", "subtype", "subtype_name"])
             .agg(
@@ -219,9 +219,17 @@ def summary(index: pd.DataFrame) -> str:
             .reset_index()
         )
         order = {c: i for i, c in enumerate(SUBTYPES)}
-        sub = sub.sort_values("subtype", key=lambda s: s.map(order))
-        lines += ["", "Subtypes:", sub.to_string(index=False)]
+        tables["Subtypes"] = sub.sort_values("subtype", key=lambda s: s.map(order))
+    tables["Images and patients by label"] = index.groupby("label").agg(
+        images=("path", "size"), patients=("patient", "nunique")
+    )
+    return tables
+
+
+def summary(index: pd.DataFrame) -> str:
+    lines = [f"{len(index)} images, {index['patient'].nunique()} patients"]
+    for title, table in index_tables(index).items():
+        lines += ["", f"{title}:", table.to_string(index=title != "Subtypes")]
+    if "slide_folder" in index:
         lines += ["", f"Slide folders: {index['slide_folder'].nunique()}"]
-    per_label = index.groupby("label").agg(images=("path", "size"), patients=("patient", "nunique"))
-    lines += ["", "Images and patients by label:", per_label.to_string()]
     return "\n".join(lines)

@@ -59,7 +59,7 @@ class RunConfig:
     data: str | None = None  # folder holding BreaKHis_v1; None: <out>/data, downloaded if absent
     dataset: str = "breakhis"  # breakhis or idc
     archs: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHS))
-    weights: str = "default"  # default (ImageNet), none (random init) or a weights file
+    weights: str = "default"  # default, none or a file; per arch: "default,resnet50=none"
     task: str | None = None  # binary or subtype; None: binary (subtype for eva)
     magnification: str = "all"  # all or a list such as 40X,200X
     protocol: str = "patient"  # patient, cv, folds, eva or random
@@ -80,6 +80,12 @@ class RunConfig:
     extract_batch: int = 32
     progress: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.archs, str):  # "a,b" or "all", as on the command line
+            from breakhis_tl.backbones import parse_archs
+
+            self.archs = parse_archs(self.archs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +157,24 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--fold must be a fold number or all, not {cfg.fold!r}.")
     if cfg.views > 1 and cfg.no_cache:
         raise UserError("--views caches views; with --no-cache, augmentation is online already.")
+    for part in cfg.weights.split(","):
+        name, sep, _ = part.strip().partition("=")
+        if sep and name not in cfg.archs:
+            raise UserError(f"--weights names {name!r}, which is not among --archs.")
     pick_device(cfg.device)
+
+
+def weights_for(spec: str, arch: str) -> str:
+    """`default`, `none` or a file for every architecture, with `arch=value` overrides:
+    `default,mobilenet_v2=none` keeps ImageNet weights except for mobilenet_v2."""
+    chosen = "default"
+    for part in spec.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep:
+            chosen = name
+        elif name == arch:
+            return value
+    return chosen
 
 
 def _writable(folder: Path) -> None:
@@ -251,7 +274,9 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     paths = base["path"].tolist()
 
     # backbones: built first, so a missing weights file stops the run before any extraction
-    backbones = {a: build_backbone(a, cfg.weights, cfg.train.seed) for a in cfg.archs}
+    backbones = {
+        a: build_backbone(a, weights_for(cfg.weights, a), cfg.train.seed) for a in cfg.archs
+    }
     fp = fast_path(device)
     cache = (
         None if cfg.no_cache else FeatureCache(cfg.cache_dir or out / "data" / "cache" / "features")
@@ -478,7 +503,7 @@ def _train_one(
             frame = split.iloc[idx][
                 [
                     c
-                    for c in ("relpath", "patient", "magnification", "subtype", "label")
+                    for c in ("path", "relpath", "patient", "magnification", "subtype", "label")
                     if c in split
                 ]
             ].copy()
@@ -542,7 +567,7 @@ def _write_outputs(cfg, run, folders, results, history, predictions, histories, 
 SUMMARY_METRICS = ("balanced_accuracy", "image_rate", "patient_rate", "f1", "auc")
 
 
-def results_table(results: pd.DataFrame) -> str:
+def summary_table(results: pd.DataFrame) -> str:
     """Mean (and +/- std over folds, where there are folds) per architecture and split."""
     if results.empty:
         return "(no results)"
