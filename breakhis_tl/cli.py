@@ -247,7 +247,7 @@ def fraction_or_zero(text: str) -> float:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from breakhis_tl.backbones import parse_archs
-    from breakhis_tl.runner import RunConfig, summary_table, run_training
+    from breakhis_tl.runner import RunConfig, run_training, summary_table
     from breakhis_tl.training import TrainConfig
 
     cfg = RunConfig(

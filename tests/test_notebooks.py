@@ -42,7 +42,8 @@ def test_committed_without_outputs_and_without_logic(name):
     cells = _code_cells(name)
     assert cells[0].metadata.get("tags") == ["parameters"]
     for cell in cells:
-        tree = ast.parse("\n".join(l for l in cell.source.splitlines() if not l.startswith("%")))
+        lines = [s for s in cell.source.splitlines() if not s.startswith("%")]
+        tree = ast.parse("\n".join(lines))
         for node in ast.walk(tree):
             assert not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Lambda)), name
             if isinstance(node, ast.ImportFrom):
