@@ -101,3 +101,27 @@ def sample_run(tmp_path_factory, breakhis_sample):
         train=TrainConfig(epochs=8, seed=0),
     )
     return cfg, run_training(cfg, command="pytest sample_run")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network():
+    """Tests never touch the network: any connection beyond loopback fails at once."""
+    import ipaddress
+    import socket
+
+    real = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None:
+            try:
+                local = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                local = host == "localhost"
+            if not local:
+                raise OSError(f"tests never touch the network (connect to {host} refused)")
+        return real(self, address)
+
+    socket.socket.connect = guarded
+    yield
+    socket.socket.connect = real
