@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", default=None, help="reuse a split written by `split --out`")
     p.add_argument("--head", default="linear", help="linear or mlp")
     p.add_argument("--epochs", type=positive_int, default=30, help="maximum epochs (default 30)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
     p.add_argument("--patience", type=positive_int, default=10, help="early-stopping patience")

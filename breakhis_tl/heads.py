@@ -25,8 +25,8 @@ HEADS = ("linear", "mlp")
 def make_head(
     kind: str, in_dim: int, n_classes: int, hidden: int = 512, dropout: float = 0.5
 ) -> nn.Module:
-    if kind == "linear":
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
+    if kind == "linear":  # a linear probe: logistic regression on the frozen features
+        return nn.Sequential(nn.Linear(in_dim, n_classes))
     if kind == "mlp":
         return nn.Sequential(
             nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)

@@ -28,11 +28,13 @@ def patient_rate(y_true, y_pred, patients) -> float:
     return float(df.groupby("p")["ok"].mean().mean()) if len(df) else float("nan")
 
 
-def compute_metrics(y_true, probs, classes: list[str], patients=None) -> dict:
+def compute_metrics(y_true, probs, classes: list[str], patients=None, curves_only=False) -> dict:
     """Binary metrics for two classes (positive = the second), macro averages for more.
 
     A metric that is undefined on this data (a single class present, nothing predicted
-    positive) is NaN with a warning, never an exception.
+    positive) is NaN with a warning, never an exception. `curves_only` computes just the
+    per-epoch curve metrics (no AUC, confusion or patients): each scikit-learn call costs
+    milliseconds of input checks, which add up over hundreds of epochs.
     """
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
@@ -52,9 +54,11 @@ def compute_metrics(y_true, probs, classes: list[str], patients=None) -> dict:
         kw = {"average": avg, "zero_division": np.nan}
         if k > 2:
             kw["labels"] = labels
-        out["precision"] = skm.precision_score(y_true, y_pred, **kw)
-        out["recall"] = skm.recall_score(y_true, y_pred, **kw)
-        out["f1"] = skm.f1_score(y_true, y_pred, **kw)
+        prf = skm.precision_recall_fscore_support(y_true, y_pred, **kw)
+        out["precision"], out["recall"], out["f1"] = prf[:3]
+    out["image_rate"] = out["accuracy"]
+    if curves_only:
+        return {m: (float(v) if isinstance(v, (float, np.floating)) else v) for m, v in out.items()}
     present = np.unique(y_true)
     if len(present) < 2:
         log.warning(

@@ -404,7 +404,7 @@ def _train_one(
         f_all, ok_all = None, None
     else:
         f0, ok0 = feats[(bb.name, 0)]
-        f_all, ok_all = f0[sel].float(), ok0[sel]
+        f_all, ok_all = f0[sel], ok0[sel]
     sides = [s for s in ("val", "test") if (side == s).any()]
     if cfg.no_cache:
         # the slow baseline: every image through the backbone, every epoch
@@ -432,7 +432,7 @@ def _train_one(
             for v in range(1, cfg.views):
                 fv, okv = feats[(bb.name, v)]
                 take = [pos[sel[i]] for i in tr]
-                xs.append(fv[take].float())
+                xs.append(fv[take])
                 ys.append(y[tr])
         x_train = torch.cat(xs)
         y_train = torch.as_tensor(np.concatenate(ys))
