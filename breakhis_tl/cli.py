@@ -12,51 +12,29 @@ from breakhis_tl.errors import UserError
 log = logging.getLogger("breakhis_tl")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+def _number(kind: type, low: float, low_ok: bool, high: float | None, rule: str):
+    """An argparse type: `kind` within [low or (low, high), with the rule said in words."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        above = value >= low if low_ok else value > low
+        if not above or value == float("inf") or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"{text} must be {rule}")
+        return value
+
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must not be negative")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be zero or a positive number")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1")
-    return value
+positive_int = _number(int, 1, True, None, "at least 1")
+nonneg_int = _number(int, 0, True, None, "zero or more")
+positive_float = _number(float, 0, False, None, "a positive number")
+nonneg_float = _number(float, 0, True, None, "zero or a positive number")
+fraction = _number(float, 0, False, 1, "between 0 and 1")
+fraction_or_zero = _number(float, 0, True, 1, "at least 0 and below 1")
 
 
 def _data_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
@@ -236,13 +214,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def fraction_or_zero(text: str) -> float:
-    value = nonneg_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
-    return value
 
 
 def cmd_train(args: argparse.Namespace) -> int:

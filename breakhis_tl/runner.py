@@ -24,7 +24,15 @@ import torch
 from breakhis_tl import __version__
 from breakhis_tl.backbones import DEFAULT_ARCHS, Backbone, build_backbone, check_arch
 from breakhis_tl.errors import UserError
-from breakhis_tl.features import FeatureCache, Request, extract, fast_path, pick_device, prepare
+from breakhis_tl.features import (
+    FastPath,
+    FeatureCache,
+    Request,
+    extract,
+    fast_path,
+    pick_device,
+    prepare,
+)
 from breakhis_tl.heads import HEADS, make_head, save_head
 from breakhis_tl.index import build_index, filter_magnification, parse_magnification
 from breakhis_tl.metrics import METRICS, compute_metrics
@@ -283,14 +291,14 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     )
     feats, report = {}, None
     rows_of = {rel: i for i, rel in enumerate(base["relpath"])}
+    view_rows = np.array(
+        sorted({rows_of[r] for _, s in folds for r in s.loc[s["split"] == "train", "relpath"]})
+    )
     if not cfg.no_cache:
-        train_rows = np.array(
-            sorted({rows_of[r] for _, s in folds for r in s.loc[s["split"] == "train", "relpath"]})
-        )
         all_rows = np.arange(len(paths))
         requests = [Request(bb, 0, all_rows) for bb in backbones.values()]
         requests += [
-            Request(bb, v, train_rows) for bb in backbones.values() for v in range(1, cfg.views)
+            Request(bb, v, view_rows) for bb in backbones.values() for v in range(1, cfg.views)
         ]
         feats, report = extract(
             paths,
@@ -315,6 +323,7 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
             prepare(bb, device, fp)
 
     stop = StopFlag()
+    ctx = _Context(cfg, run, task, classes, command, device, fp, folders, feats, view_rows, stop)
     previous = stop.install()
     rows, history_rows, pred_frames, heads, histories = [], [], [], {}, {}
     skipped: list[str] = []
@@ -322,33 +331,13 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     try:
         for arch, bb in backbones.items():
             for fold, split in folds:
-                name = arch if fold is None else f"{arch}_fold{fold}"
                 split = split.reset_index(drop=True)
                 sel = np.array(split["relpath"].map(rows_of), dtype=np.int64)
-                y = y_all.to_numpy()[sel].astype(int)
                 stop.training = True
-                res = _train_one(
-                    cfg,
-                    bb,
-                    name,
-                    fold,
-                    split,
-                    sel,
-                    y,
-                    classes,
-                    feats,
-                    device,
-                    fp,
-                    folders,
-                    run,
-                    task,
-                    command,
-                    stop,
-                    paths,
-                )
+                res = _train_one(ctx, bb, fold, split, sel, y_all.to_numpy()[sel].astype(int))
                 stop.training = False
-                heads[name] = res["head_path"]
-                histories[name] = res["history"]
+                heads[res["name"]] = res["head_path"]
+                histories[res["name"]] = res["history"]
                 rows += res["rows"]
                 history_rows += [{"arch": arch, "fold": fold, **h} for h in res["history"]]
                 pred_frames.append(res["predictions"])
@@ -379,25 +368,28 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     )
 
 
-def _train_one(
-    cfg,
-    bb: Backbone,
-    name,
-    fold,
-    split,
-    sel,
-    y,
-    classes,
-    feats,
-    device,
-    fp,
-    folders,
-    run,
-    task,
-    command,
-    stop,
-    paths,
-) -> dict:
+@dataclass
+class _Context:
+    """What every head of a run shares."""
+
+    cfg: RunConfig
+    run: str
+    task: str
+    classes: list[str]
+    command: str
+    device: torch.device
+    fp: FastPath
+    folders: dict[str, Path]
+    feats: dict  # (arch, view) -> (fp16 features, ok mask), rows as in the run's image list
+    view_rows: np.ndarray  # image rows whose extra views were extracted, in feature order
+    stop: StopFlag
+
+
+def _train_one(ctx: _Context, bb: Backbone, fold, split, sel, y) -> dict:
+    """Train, evaluate and save one head: `sel` maps the split's rows to the image list."""
+    cfg, classes, feats, device, fp = ctx.cfg, ctx.classes, ctx.feats, ctx.device, ctx.fp
+    folders, run, task, command, stop = ctx.folders, ctx.run, ctx.task, ctx.command, ctx.stop
+    name = bb.name if fold is None else f"{bb.name}_fold{fold}"
     t = cfg.train
     side = split["split"].to_numpy()
     if cfg.no_cache:
@@ -427,8 +419,7 @@ def _train_one(
         tr = np.flatnonzero((side == "train") & ok_mask)
         xs, ys = [f_all[tr]], [y[tr]]
         if cfg.views > 1:
-            train_rows = np.array(sorted(set(sel[side == "train"])))
-            pos = {r: i for i, r in enumerate(train_rows)}
+            pos = {r: i for i, r in enumerate(ctx.view_rows)}
             for v in range(1, cfg.views):
                 fv, okv = feats[(bb.name, v)]
                 take = [pos[sel[i]] for i in tr]
@@ -542,6 +533,7 @@ def _train_one(
         folders["graphs"] / f"{name}_confusion.png",
     )
     return {
+        "name": name,
         "rows": rows,
         "history": result.history,
         "head_path": head_path,

@@ -206,3 +206,16 @@ def test_fast_path_choice():
     assert cpu.channels_last
     assert cpu.autocast == (torch.bfloat16 if cpu_supports_bf16() else None)
     assert fast_path(torch.device("cpu"), optimised=False) == type(cpu)(None, False)
+
+
+def test_timm_is_imported_only_when_asked_for():
+    import importlib.util
+    import sys
+
+    assert "timm" not in sys.modules  # building torchvision backbones never imports it
+    if importlib.util.find_spec("timm") is None:
+        with pytest.raises(UserError, match="timm:<name> backbones need timm; pip install timm"):
+            build_backbone("timm:resnet18", "none")
+    else:
+        bb = build_backbone("timm:resnet18", "none")
+        assert bb(torch.randn(1, 3, 224, 224)).shape == (1, bb.feature_dim)

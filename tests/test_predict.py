@@ -168,7 +168,7 @@ def test_metadata_mismatch(head_file, tmp_path):
 
 def test_tampered_head_refused(head_file, tmp_path, capsys):
     _, state = read_head_file(head_file)
-    weight = state["1.weight"].numpy().tobytes()
+    weight = state["0.weight"].numpy().tobytes()
     data = bytearray(head_file.read_bytes())
     at = bytes(data).index(weight[:64])  # the stored weights, uncompressed in the zip
     data[at : at + 4] = np.float32(123.0).tobytes()

@@ -187,3 +187,16 @@ def test_split_command(breakhis_sample, tmp_path, capsys):
         == 2
     )
     assert "Unknown dataset" in capsys.readouterr().err
+
+
+def test_random_and_folds_are_seeded(full_index, full_folds_csv):
+    a = make_split(full_index, "random", seed=0)["split"]
+    assert a.equals(make_split(full_index, "random", seed=0)["split"])
+    assert not a.equals(make_split(full_index, "random", seed=1)["split"])
+    f0 = make_split(full_index, "folds", fold=2, seed=0, folds_csv=full_folds_csv)
+    f1 = make_split(full_index, "folds", fold=2, seed=1, folds_csv=full_folds_csv)
+    # the official test group never moves; the val patients carved from train do
+    assert f0.loc[f0["split"] == "test", "relpath"].equals(f1.loc[f1["split"] == "test", "relpath"])
+    assert set(f0.loc[f0["split"] == "val", "patient"]) != set(
+        f1.loc[f1["split"] == "val", "patient"]
+    )

@@ -226,3 +226,30 @@ def test_class_missing_from_training(tmp_path, breakhis_sample, capsys):
                 out=str(tmp_path),
             )
         )
+
+
+def test_cv_with_views_uses_each_folds_own_images(idc_sample, tmp_path):
+    """Extra views are cached for every fold's training images; each fold takes its own."""
+    cfg = RunConfig(
+        data=str(idc_sample),
+        dataset="idc",
+        archs=["efficientnet_lite0"],
+        protocol="random",
+        cv=3,
+        views=3,
+        run="cvviews",
+        out=str(tmp_path),
+        workers=0,
+        progress=False,
+        train=TrainConfig(epochs=15),
+    )
+    res = run_training(cfg)
+    val = res.results[res.results["split"] == "val"]
+    assert sorted(val["fold"]) == [1, 2, 3]
+    assert val["balanced_accuracy"].mean() > 0.8
+    history = res.history
+    # every fold trained on its own train images x 3 views (the online train metrics count them)
+    split = pd.read_csv(tmp_path / "trained_models/cvviews/split.csv")
+    for k in (1, 2, 3):
+        n_train = int((split["fold"] != k).sum())
+        assert history.loc[history["fold"] == k, "train_n_images"].iloc[0] == 3 * n_train
