@@ -392,11 +392,6 @@ def _train_one(ctx: _Context, bb: Backbone, fold, split, sel, y) -> dict:
     name = bb.name if fold is None else f"{bb.name}_fold{fold}"
     t = cfg.train
     side = split["split"].to_numpy()
-    if cfg.no_cache:
-        f_all, ok_all = None, None
-    else:
-        f0, ok0 = feats[(bb.name, 0)]
-        f_all, ok_all = f0[sel], ok0[sel]
     sides = [s for s in ("val", "test") if (side == s).any()]
     if cfg.no_cache:
         # the slow baseline: every image through the backbone, every epoch
@@ -415,13 +410,14 @@ def _train_one(ctx: _Context, bb: Backbone, fold, split, sel, y) -> dict:
 
         train_labels = y[tr]
     else:
-        ok_mask = ok_all.numpy()
+        f0, ok0 = feats[(bb.name, 0)]
+        f_all, ok_mask = f0[sel], ok0[sel].numpy()
         tr = np.flatnonzero((side == "train") & ok_mask)
         xs, ys = [f_all[tr]], [y[tr]]
         if cfg.views > 1:
             pos = {r: i for i, r in enumerate(ctx.view_rows)}
             for v in range(1, cfg.views):
-                fv, okv = feats[(bb.name, v)]
+                fv, _ = feats[(bb.name, v)]
                 take = [pos[sel[i]] for i in tr]
                 xs.append(fv[take])
                 ys.append(y[tr])
