@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
 from breakhis_tl.errors import UserError
-from breakhis_tl.metrics import METRICS, compute_metrics
+from breakhis_tl.metrics import METRICS, compute_metrics, fold_table
 
 TABLE_METRICS = ("image_rate", "patient_rate", "balanced_accuracy", "precision", "recall", "f1",
                  "auc")  # fmt: skip
@@ -79,26 +79,26 @@ def results_table(run: Run, ci_split: str = "test") -> pd.DataFrame:
     bootstrap CI of balanced accuracy on `ci_split` (val where there is no test split)."""
     res = run.results
     split_for_ci = ci_split if ci_split in set(res["split"]) else "val"
-    rows = []
-    for (arch, split), g in res.groupby(["arch", "split"], sort=False):
-        row = {
-            "arch": arch,
-            "split": split,
-            "folds": int(g["fold"].notna().sum()) or 1,
-            "images": int(g["n_images"].sum()),
-            "patients": int(g["n_patients"].sum()),
-        }
-        for m in TABLE_METRICS:
-            v = g[m].astype(float)
-            row[m] = f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")
-        if split == split_for_ci:
-            p = run.predictions[
-                (run.predictions["arch"] == arch) & (run.predictions["split"] == split)
-            ]
-            lo, hi = bootstrap_ci(p["target"], p["prediction"], p["patient"])
-            row["balanced_accuracy 95% CI"] = f"[{lo:.3f}, {hi:.3f}]"
-        rows.append(row)
-    return pd.DataFrame(rows)
+    table = fold_table(res, TABLE_METRICS)
+    counts = res.groupby(["arch", "split"], sort=False)[["n_images", "n_patients"]].sum()
+    keys = list(zip(table["arch"], table["split"], strict=True))
+    table.insert(3, "images", [int(counts.loc[k, "n_images"]) for k in keys])
+    table.insert(4, "patients", [int(counts.loc[k, "n_patients"]) for k in keys])
+    cis = []
+    for arch, split in keys:
+        if split != split_for_ci:
+            cis.append(np.nan)
+            continue
+        p = run.predictions[(run.predictions["arch"] == arch) & (run.predictions["split"] == split)]
+        lo, hi = bootstrap_ci(p["target"], p["prediction"], p["patient"])
+        cis.append(f"[{lo:.3f}, {hi:.3f}]")
+    table["balanced_accuracy 95% CI"] = cis
+    return table
+
+
+def _held_out(predictions: pd.DataFrame) -> str:
+    """The split a head is judged on: test where the protocol has one, else val."""
+    return "test" if (predictions["split"] == "test").any() else "val"
 
 
 def per_group_metrics(
@@ -106,7 +106,7 @@ def per_group_metrics(
 ) -> pd.DataFrame:
     """Metrics per architecture and group (say, magnification) from the saved predictions."""
     p = run.predictions
-    split = split or ("test" if (p["split"] == "test").any() else "val")
+    split = split or _held_out(p)
     p = p[p["split"] == split]
     if by not in p:
         raise UserError(f"The predictions of run {run.name} have no {by!r} column.")
@@ -130,7 +130,7 @@ def per_group_metrics(
 
 def confusion(run: Run, arch: str, split: str | None = None) -> tuple[list, str]:
     p = run.predictions[run.predictions["arch"] == arch]
-    split = split or ("test" if (p["split"] == "test").any() else "val")
+    split = split or _held_out(p)
     p = p[p["split"] == split]
     from sklearn.metrics import confusion_matrix
 

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from breakhis_tl.errors import UserError
-from breakhis_tl.images import ImageError, _to_rgb, load_rgb
+from breakhis_tl.images import ImageError, as_rgb
 from breakhis_tl.transforms import decode_transform, normalize
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def save_cams(clf, items: list, out_dir: Path) -> list[Path]:
         cam.compute_input_gradient = True  # gradients reach the frozen feature map this way
         for i, item in enumerate(items):
             try:
-                im = _to_rgb(item) if isinstance(item, Image.Image) else load_rgb(item)
+                im = as_rgb(item)
             except ImageError as exc:
                 log.warning("No Grad-CAM for it: %s", exc)
                 continue

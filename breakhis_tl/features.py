@@ -283,7 +283,7 @@ def _extract_group(
         x = x.to(device, non_blocking=True)
         for view in views:
             xv = dihedral(x, view)
-            cache_inputs: dict[tuple, torch.Tensor] = {}
+            normalized: dict[tuple, torch.Tensor] = {}
             for req, _, pos, feats, ok in slots:
                 if req.view != view:
                     continue
@@ -292,9 +292,9 @@ def _extract_group(
                 if not keep.any():
                     continue
                 norm_key = (req.backbone.prep.mean, req.backbone.prep.std)
-                if norm_key not in cache_inputs:
-                    cache_inputs[norm_key] = normalize(xv, req.backbone.prep)
-                f = run_backbone(backbones[req.backbone.name], cache_inputs[norm_key][keep], fp)
+                if norm_key not in normalized:
+                    normalized[norm_key] = normalize(xv, req.backbone.prep)
+                f = run_backbone(backbones[req.backbone.name], normalized[norm_key][keep], fp)
                 feats[where[keep]] = f.to("cpu", torch.float16)
                 ok[where[keep]] = True
     for req, key, _, feats, ok in slots:

@@ -51,3 +51,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageError(f"Image {path} does not exist.") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"Image {path} is truncated or corrupt ({exc}).") from None
+
+
+def as_rgb(item: str | Path | Image.Image) -> Image.Image:
+    """A path (opened with `load_rgb`) or an image already in memory, as RGB."""
+    return _to_rgb(item) if isinstance(item, Image.Image) else load_rgb(item)

@@ -86,3 +86,16 @@ def compute_metrics(y_true, probs, classes: list[str], patients=None, curves_onl
     out = {m: (float(v) if isinstance(v, (float, np.floating)) else v) for m, v in out.items()}
     out["confusion"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return out
+
+
+def fold_table(results: pd.DataFrame, metrics) -> pd.DataFrame:
+    """One row per architecture and split of a results table: each metric as its mean, with
+    ± the std over folds where there are several."""
+    rows = []
+    for (arch, split), g in results.groupby(["arch", "split"], sort=False):
+        row = {"arch": arch, "split": split, "folds": int(g["fold"].notna().sum()) or 1}
+        for m in metrics:
+            v = g[m].astype(float)
+            row[m] = f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")
+        rows.append(row)
+    return pd.DataFrame(rows)

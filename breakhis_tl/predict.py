@@ -22,7 +22,7 @@ from breakhis_tl.dataset import collate, default_workers
 from breakhis_tl.errors import UserError
 from breakhis_tl.features import fast_path, pick_device, prepare, run_backbone
 from breakhis_tl.heads import load_head
-from breakhis_tl.images import ImageError, _to_rgb, load_rgb
+from breakhis_tl.images import ImageError, as_rgb
 from breakhis_tl.index import BREAKHIS_NAME, IDC_NAME
 from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral, normalize
 
@@ -68,7 +68,7 @@ class _InputDataset(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            im = _to_rgb(item) if isinstance(item, Image.Image) else load_rgb(item)
+            im = as_rgb(item)
         except ImageError as exc:
             return None, i, i, str(exc), (0, 0)
         return self.decode(im), i, i, "", im.size

@@ -35,7 +35,7 @@ from breakhis_tl.features import (
 )
 from breakhis_tl.heads import HEADS, make_head, save_head
 from breakhis_tl.index import build_index, filter_magnification, parse_magnification
-from breakhis_tl.metrics import METRICS, compute_metrics
+from breakhis_tl.metrics import METRICS, compute_metrics, fold_table
 from breakhis_tl.plots import CURVE_METRICS, plot_comparison, plot_confusion, plot_curves
 from breakhis_tl.splits import (
     PROTOCOLS,
@@ -559,11 +559,4 @@ def summary_table(results: pd.DataFrame) -> str:
     """Mean (and +/- std over folds, where there are folds) per architecture and split."""
     if results.empty:
         return "(no results)"
-    rows = []
-    for (arch, split), g in results.groupby(["arch", "split"], sort=False):
-        row = {"arch": arch, "split": split, "folds": int(g["fold"].notna().sum()) or 1}
-        for m in SUMMARY_METRICS:
-            v = g[m].astype(float)
-            row[m] = f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")
-        rows.append(row)
-    return pd.DataFrame(rows).to_string(index=False)
+    return fold_table(results, SUMMARY_METRICS).to_string(index=False)
