@@ -76,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "download",
         help="fetch and unpack the BreakHis archive",
-        description="Fetch BreaKHis_v1.tar.gz (resumable), unpack it safely and "
-        "check that all 7,909 images are there.",
+        description="Fetch BreaKHis_v1.tar.gz (resumable), verify it against the sha256 "
+        "recorded after the first download, unpack it safely and check that all 7,909 images "
+        "are there.",
     )
     p.add_argument("--to", default="data", help="folder to download into (default: data)")
-    p.add_argument("--url", default=None, help=argparse.SUPPRESS)
+    # sources tried in order, instead of the default ones; repeat or comma-separate (tests)
+    p.add_argument("--url", action="append", default=None, help=argparse.SUPPRESS)
     p.add_argument("--expect", type=positive_int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
@@ -259,9 +261,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from breakhis_tl.download import BREAKHIS_IMAGES, BREAKHIS_URL, download_breakhis
+    from breakhis_tl.download import BREAKHIS_IMAGES, BREAKHIS_URLS, download_breakhis
 
-    root = download_breakhis(args.to, args.url or BREAKHIS_URL, args.expect or BREAKHIS_IMAGES)
+    urls = [u.strip() for arg in args.url or [] for u in arg.split(",") if u.strip()]
+    root = download_breakhis(args.to, urls or BREAKHIS_URLS, args.expect or BREAKHIS_IMAGES)
     print(f"BreakHis is ready under {root / 'BreaKHis_v1'}.")
     return 0
 
