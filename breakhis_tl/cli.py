@@ -52,8 +52,21 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--magnification", default="all", help="all, or a list such as 40X,200X")
     p.add_argument(
         "--protocol",
-        default="patient",
-        help="patient (default), cv, folds, eva or random (leaky, for comparison)",
+        default=None,
+        help="patient (default), cv, folds, eva or random (leaky, for comparison); with "
+        "--split-file, the protocol written in the file",
+    )
+    p.add_argument(
+        "--group-by",
+        default=None,
+        help="patient key: slide (default; the paper's 82 patients) or accession (the slide "
+        "id's digits, joining slides such as 22549AB/22549CD/22549G)",
+    )
+    p.add_argument(
+        "--eva-holdout",
+        action="store_true",
+        help="eva: carve validation patients from eva's train side; its 14 val slides become "
+        "an untouched test set",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the split (and of training)")
     p.add_argument("--val-frac", type=fraction, default=0.15, help="share of patients in val")
@@ -104,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     _split_args(p)
     p.add_argument(
         "--fold",
-        type=positive_int,
-        default=1,
-        help="fold to hold out (cv) or official fold 1-5 (folds)",
+        default=None,
+        help="fold to hold out as test (cv; default all), official fold 1-5 or all (folds; "
+        "default 1)",
     )
+    p.add_argument("--split-file", default=None, help="check (and print) a split file")
     p.add_argument(
         "--cv",
         type=positive_int,
@@ -115,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of folds (cv protocol: default 5; random: image-level folds)",
     )
     p.add_argument("--out", default=None, help="write the split to this CSV file")
+    p.add_argument("--cache-dir", default="data/cache", help="where pixel hashes are remembered")
 
     p = sub.add_parser(
         "train",
@@ -142,7 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="K-fold cross-validation (patient: grouped; random: image-level)",
     )
     p.add_argument("--split-file", default=None, help="reuse a split written by `split --out`")
-    p.add_argument("--head", default="linear", help="linear or mlp")
+    p.add_argument("--head", default="linear", help="linear, logreg or mlp")
+    p.add_argument(
+        "--recipe",
+        default="default",
+        help="default, or eva (kaiko-ai eva's BreakHis head recipe: linear, plain CE, AdamW "
+        "3e-4, batch 256, 12,500 steps, 5 runs; overrides the head options)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help="heads per fold with different seeds (default 1; eva recipe 5)",
+    )
+    p.add_argument(
+        "--select",
+        default="best",
+        help="best: the epoch with the best val balanced accuracy (early stopping); last: "
+        "train --epochs and keep the last head (for splits without val)",
+    )
     p.add_argument("--epochs", type=positive_int, default=30, help="maximum epochs (default 30)")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
@@ -166,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
     p.add_argument("--run", default=None, help="run name (default: a timestamp)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run of that name, whole"
+    )
     p.add_argument("--out", default=".", help="folder for the output folders (default: .)")
     p = sub.add_parser(
         "predict",
@@ -226,14 +262,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = RunConfig(
         data=args.data, dataset=args.dataset, archs=parse_archs(args.archs),
         weights=args.weights, task=args.task, magnification=args.magnification,
-        protocol=args.protocol, fold=args.fold, cv=args.cv, split_file=args.split_file,
-        folds_csv=args.folds_csv, val_frac=args.val_frac, test_frac=args.test_frac,
-        views=args.views, no_cache=args.no_cache, strict=args.strict, device=args.device,
-        run=args.run, out=args.out, cache_dir=args.cache_dir, workers=args.workers,
+        protocol=args.protocol, group_by=args.group_by, fold=args.fold, cv=args.cv,
+        split_file=args.split_file, folds_csv=args.folds_csv, eva_holdout=args.eva_holdout,
+        val_frac=args.val_frac, test_frac=args.test_frac, recipe=args.recipe,
+        repeats=args.repeats, views=args.views, no_cache=args.no_cache, strict=args.strict,
+        device=args.device, run=args.run, overwrite=args.overwrite, out=args.out,
+        cache_dir=args.cache_dir, workers=args.workers,
         train=TrainConfig(
             head=args.head, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            patience=args.patience, seed=args.seed,
+            patience=args.patience, select=args.select, seed=args.seed,
         ),
     )  # fmt: skip
     command = "python -m breakhis_tl " + " ".join(sys.argv[1:])
@@ -279,49 +317,64 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_split(args: argparse.Namespace):
-    """Index, filter and split as the options say; shared by `split` and `train`."""
+def cmd_split(args: argparse.Namespace) -> int:
+    """Make (or check) a split with the same function `train` uses, and say what is true of
+    it: patients shared between sides, pixel-identical pictures on two sides or labels."""
+    from breakhis_tl.folds import SplitOptions, plan_folds, write_split
+    from breakhis_tl.identity import ImageStore
     from breakhis_tl.index import build_index, filter_magnification, parse_magnification
-    from breakhis_tl.splits import make_split
+    from breakhis_tl.leakage import check_twins, shared_patients
+    from breakhis_tl.splits import split_summary, target_column
 
     index = build_index(args.data, args.dataset)
     index = filter_magnification(index, parse_magnification(args.magnification))
     task = args.task or ("subtype" if args.protocol == "eva" else "binary")
-    n_folds = args.cv if isinstance(args.cv, int) else None
-    split = make_split(
-        index,
-        protocol=args.protocol,
-        task=task,
-        seed=args.seed,
-        fold=args.fold_number,
-        n_folds=n_folds,
-        val_frac=args.val_frac,
-        test_frac=args.test_frac,
-        folds_csv=args.folds_csv,
-    )
-    return split, task
-
-
-def cmd_split(args: argparse.Namespace) -> int:
-    from breakhis_tl.splits import split_summary, write_split
-
-    args.fold_number = args.fold
-    split, task = load_split(args)
-    print(split_summary(split, task))
-    if "fold" in split and split["fold"].nunique() > 1:
-        print(f"\nFold {args.fold} of {int(split['fold'].max())} is held out as val.")
-    leaky = args.protocol == "random"
-    print(
-        "\nLeakage check: "
-        + (
-            "skipped, the random protocol shares patients on purpose."
-            if leaky
-            else "passed, no patient is on two sides."
-        )
-    )
+    fold = args.fold if args.fold is not None else (None if args.protocol != "folds" else "1")
+    opts = SplitOptions(
+        protocol=args.protocol, task=task, seed=args.seed, fold=fold, cv=args.cv,
+        val_frac=args.val_frac, test_frac=args.test_frac, folds_csv=args.folds_csv,
+        split_file=args.split_file, group_by=args.group_by, eva_holdout=args.eva_holdout,
+    )  # fmt: skip
+    plan = plan_folds(index, opts)
+    store = ImageStore(Path(args.cache_dir) / "images.sqlite")
+    pixels = dict(zip(index["relpath"], store.pixel_hashes(index["path"].tolist()), strict=True))
+    for k, split in plan.folds:
+        print(f"\n== fold {k} ==" if k is not None else "")
+        print(split_summary(split, task))
+        twins = check_twins(split.assign(pixel=split["relpath"].map(pixels)),
+                            target_column(task), plan.protocol)  # fmt: skip
+        shared = shared_patients(split)
+        print("\nLeakage check: " + _leakage_line(plan.protocol, shared, twins))
     if args.out:
-        _write_csv(split, args.out, writer=write_split)
+        try:
+            write_split(plan, args.out)
+        except OSError as exc:
+            raise UserError(f"Cannot write {args.out} ({exc.strerror}).") from None
+        print(f"Wrote {args.out} ({plan.protocol}, grouped by {plan.group_by}).")
     return 0
+
+
+def _leakage_line(protocol: str, shared: list, twins) -> str:
+    parts = []
+    if protocol == "random":
+        parts.append("skipped by patient: the random protocol shares patients on purpose")
+    elif shared:
+        parts.append(
+            f"{len(shared)} patient(s) are on two sides ({', '.join(shared[:5])}); the "
+            f"{protocol} protocol defines it so, and it is reported, not fixed"
+        )
+    else:
+        parts.append("no patient is on two sides")
+    if twins.across:
+        parts.append(
+            f"{len(twins.across)} pixel-identical pair(s) on two sides "
+            f"({twins.test_with_train_twin} test image(s) with a twin in train)"
+        )
+    elif protocol != "random":
+        parts.append("no pixel-identical image on two sides")
+    if twins.relabelled:
+        parts.append(f"{len(twins.relabelled)} pixel-identical pair(s) under two labels")
+    return "; ".join(parts) + "."
 
 
 def _write_csv(df, path: str, writer=None) -> None:

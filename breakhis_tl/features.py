@@ -1,17 +1,14 @@
-"""Extract backbone features once and keep them on disk.
+"""Extract backbone features once and keep them on disk (see feature_cache.py).
 
 A frozen backbone maps an image to the same feature every epoch, so the expensive pass is
-done once per (backbone, weights, preprocessing, image list, view) and cached as fp16. A run
-decodes each image once for all backbones that share an input size, and computes every
-requested view of the square crop from that one decode.
+done once per image and feature space (backbone, weights, preprocessing, view, compute mode)
+and cached as fp16. A run decodes each image once for all backbones that share an input
+size, and computes every requested view of the square crop from that one decode.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,12 +22,15 @@ from breakhis_tl import __version__
 from breakhis_tl.backbones import Backbone
 from breakhis_tl.dataset import ImageDataset, make_loader
 from breakhis_tl.errors import UserError
+from breakhis_tl.feature_cache import FeatureCache, Lookup, space_key
+from breakhis_tl.identity import ImageStore
 from breakhis_tl.transforms import decode_transform, dihedral, normalize
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "breakhis_tl.features/1"
-DEFAULT_CACHE = Path("data") / "cache" / "features"
+DEFAULT_CACHE = Path("data") / "cache"  # features/, images.sqlite
+
+__all__ = ["FeatureCache"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -100,78 +100,13 @@ def prepare(bb: Backbone, device: torch.device, path: FastPath) -> Backbone:
     return bb
 
 
-def images_digest(paths: list[str]) -> str:
-    """Changes when the list, its order, or any file's size or modification time changes."""
-    h = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()
-
-
-def cache_key(bb: Backbone, digest: str, view: int) -> str:
-    ident = {
-        "format": CACHE_FORMAT,
-        "arch": bb.name,
-        "weights": bb.weights_id,
-        "prep": bb.prep.to_dict(),
-        "images": digest,
-        "view": view,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
-
-
-class FeatureCache:
-    """One safetensors file per entry; an entry counts only once its JSON marker exists.
-
-    Both files are written to a temporary name and renamed, features first, so a run killed
-    at any moment leaves either a complete entry or one that is ignored and redone.
-    """
-
-    def __init__(self, root: str | Path = DEFAULT_CACHE):
-        self.root = Path(root)
-
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        folder = self.root / key[:2]
-        return folder / f"{key}.safetensors", folder / f"{key}.json"
-
-    def load(self, key: str, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        data, marker = self._paths(key)
-        if not marker.is_file() or not data.is_file():
-            return None
-        try:
-            meta = json.loads(marker.read_text())
-            tensors = load_file(str(data))
-            feats, ok = tensors["features"], tensors["ok"].bool()
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            log.warning("Cache entry %s is unreadable (%s); extracting again.", data, exc)
-            return None
-        if feats.shape[0] != n or ok.shape[0] != n or meta.get("rows") != n:
-            log.warning("Cache entry %s does not match its image list; extracting again.", data)
-            return None
-        return feats, ok
-
-    def save(self, key: str, feats: torch.Tensor, ok: torch.Tensor, meta: dict) -> None:
-        from safetensors.torch import save_file
-
-        data, marker = self._paths(key)
-        data.parent.mkdir(parents=True, exist_ok=True)
-        tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
-        save_file({"features": feats.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp))
-        os.replace(tmp, data)
-        atomic_write_text(marker, json.dumps({**meta, "rows": int(feats.shape[0])}, indent=1))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def feature_space(bb: Backbone, view: int, fp: FastPath, stain: str = "none") -> str:
+    """Everything a feature depends on but the image: features differ by compute dtype
+    (bf16 against fp32: cosine 0.997), so the mode is part of the key."""
+    return space_key({
+        "arch": bb.name, "weights": bb.weights_id, "prep": bb.prep.to_dict(), "view": view,
+        "compute": fp.describe(), "stain": stain,
+    })  # fmt: skip
 
 
 @dataclass
@@ -186,10 +121,20 @@ class Request:
 @dataclass
 class ExtractionReport:
     extracted: list[str] = field(default_factory=list)  # "arch/view k" entries computed now
-    cached: list[str] = field(default_factory=list)  # entries read from the cache
+    cached: list[str] = field(default_factory=list)  # entries read wholly from the cache
     failed: dict[int, str] = field(default_factory=dict)  # image row -> message
     decodes: int = 0  # images decoded in this run, all backbones together
     upscaled: int = 0  # images smaller than a backbone's input size
+    images_extracted: int = 0  # image x request pairs computed now
+
+
+@dataclass
+class _Slot:
+    req: Request
+    space: str
+    feats: torch.Tensor
+    ok: torch.Tensor
+    todo: np.ndarray  # positions in req.rows still to extract
 
 
 def extract(
@@ -202,33 +147,67 @@ def extract(
     strict: bool = False,
     optimised: bool = True,
     progress: bool = True,
-) -> tuple[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]], ExtractionReport]:
-    """Features for every request, as {(arch, view): (fp16 features [rows, D], ok [rows])}.
+    store: ImageStore | None = None,
+    shard: tuple[int, int] | None = None,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], ExtractionReport]:
+    """Features for every request, in request order: (fp16 features [rows, D], ok [rows]).
 
-    A broken image is reported by path and left out (its `ok` is False) unless `strict`.
+    Cached images are read, the rest extracted and cached. A broken image is reported by
+    path and left out (its `ok` is False) unless `strict`. `shard=(i, n)` extracts only the
+    images whose content id falls in shard i of n (for several processes sharing a cache).
     """
     device = torch.device(device)
     report = ExtractionReport()
-    out: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    todo: list[tuple[Request, str]] = []
-    for req in requests:
-        digest = images_digest([paths[i] for i in req.rows])
-        key = cache_key(req.backbone, digest, req.view)
-        hit = cache.load(key, len(req.rows)) if cache else None
-        name = f"{req.backbone.name}/view {req.view}"
-        if hit is not None:
-            out[(req.backbone.name, req.view)] = hit
-            report.cached.append(name)
-        else:
-            todo.append((req, key))
-    groups: dict[tuple, list[tuple[Request, str]]] = defaultdict(list)
-    for req, key in todo:
-        groups[req.backbone.prep.decode_key()].append((req, key))
+    store = store or ImageStore(cache.root.parent / "images.sqlite" if cache else None)
+    ids = store.content_ids(paths)
     fp = fast_path(device, optimised)
+    slots = [_lookup(req, ids, paths, cache, fp, strict, report) for req in requests]
+    if shard is not None:
+        for s in slots:
+            s.todo = np.array([p for p in s.todo if in_shard(ids[s.req.rows[p]], shard)], int)
+    groups: dict[tuple, list[_Slot]] = defaultdict(list)
+    for s in slots:
+        name = f"{s.req.backbone.name}/view {s.req.view}"
+        if len(s.todo):
+            groups[s.req.backbone.prep.decode_key()].append(s)
+            report.extracted.append(name)
+        else:
+            report.cached.append(name)
     for group in groups.values():
-        _extract_group(
-            paths, group, cache, device, fp, batch_size, workers, strict, progress, out, report
-        )
+        _extract_group(paths, ids, group, cache, device, fp, batch_size, workers, strict,
+                       progress, report)  # fmt: skip
+    _warn(report)
+    return [(s.feats, s.ok) for s in slots], report
+
+
+def in_shard(content_id: str | None, shard: tuple[int, int]) -> bool:
+    i, n = shard
+    return content_id is not None and int(content_id[:8], 16) % n == i
+
+
+def _lookup(req, ids, paths, cache, fp, strict, report) -> _Slot:
+    space = feature_space(req.backbone, req.view, fp, getattr(req.backbone, "stain", "none"))
+    req_ids = [ids[r] for r in req.rows]
+    dim = req.backbone.feature_dim
+    if cache is not None:
+        hit = cache.lookup(space, req_ids, dim)
+    else:
+        n = len(req_ids)
+        hit = Lookup(torch.zeros(n, dim, dtype=torch.float16), torch.zeros(n, dtype=torch.bool),
+                     torch.zeros(n, dtype=torch.bool))  # fmt: skip
+    for pos, i in enumerate(req_ids):
+        if i is None:  # missing file: nothing to key it by
+            hit.found[pos] = True
+            hit.failed[pos] = f"Image {paths[req.rows[pos]]} does not exist."
+    for pos, msg in hit.failed.items():
+        report.failed[int(req.rows[pos])] = msg
+        if strict:
+            raise UserError(f"{msg} (--strict stops at the first unreadable image).")
+    todo = np.flatnonzero(~hit.found.numpy())
+    return _Slot(req, space, hit.feats, hit.ok, todo)
+
+
+def _warn(report: ExtractionReport) -> None:
     if report.upscaled:
         log.warning(
             "%d image(s) are smaller than a backbone's input size and were upscaled to it.",
@@ -240,70 +219,111 @@ def extract(
             len(report.failed),
             "; ".join(list(report.failed.values())[:5]),
         )
-    return out, report
 
 
-def _extract_group(
-    paths, group, cache, device, fp, batch_size, workers, strict, progress, out, report
-) -> None:
-    prep = group[0][0].backbone.prep
-    needed = sorted(set().union(*(set(r.rows.tolist()) for r, _ in group)))
-    backbones = {r.backbone.name: prepare(r.backbone, device, fp) for r, _ in group}
-    # per request: map from image row to its position in that request's output
-    slots = []
-    for req, key in group:
-        pos = np.full(len(paths), -1, dtype=np.int64)
-        pos[req.rows] = np.arange(len(req.rows))
-        feats = torch.zeros(len(req.rows), req.backbone.feature_dim, dtype=torch.float16)
-        slots.append(
-            (req, key, torch.from_numpy(pos), feats, torch.zeros(len(req.rows), dtype=torch.bool))
-        )
-    ds = ImageDataset([paths[i] for i in needed], decode_transform(prep), labels=needed)
-    loader = make_loader(ds, batch_size=batch_size, workers=workers)
-    names = ", ".join(backbones)
+CHUNK_IMAGES = 4096  # images decoded between cache writes: a killed run keeps the rest
+
+
+def _extract_group(paths, ids, group, cache, device, fp, batch_size, workers, strict,
+                   progress, report) -> None:  # fmt: skip
+    prep = group[0].req.backbone.prep
+    needed = sorted(set().union(*({int(s.req.rows[p]) for p in s.todo} for s in group)))
+    backbones = {}
+    for s in group:
+        backbones.setdefault(id(s.req.backbone), prepare(s.req.backbone, device, fp))
     log.info(
         "Extracting features of %d images with %s (%s on %s).",
         len(needed),
-        names,
+        ", ".join(dict.fromkeys(s.req.backbone.name for s in group)),
         fp.describe(),
         device,
     )
-    views = sorted({r.view for r, _ in group})
-    for x, rows, _, failed, sizes in tqdm(
-        loader, desc=f"features {prep.input_size}px", unit="batch", disable=not progress
-    ):
-        for i, msg in failed:
-            report.failed[needed[i]] = msg
+    bar = tqdm(total=len(needed), desc=f"features {prep.input_size}px", unit="img",
+               disable=not progress)  # fmt: skip
+    for start in range(0, len(needed), CHUNK_IMAGES):
+        block = needed[start : start + CHUNK_IMAGES]
+        done = _run_block(paths, block, group, device, fp, batch_size, workers, strict, report)
+        bar.update(len(block))
+        if cache is not None:
+            _save_block(cache, ids, paths, block, done, group, report)
+    bar.close()
+
+
+def _run_block(paths, block, group, device, fp, batch_size, workers, strict, report) -> dict:
+    """Decode each image of `block` once; every view of every backbone from that decode."""
+    prep = group[0].req.backbone.prep
+    ds = ImageDataset([paths[i] for i in block], decode_transform(prep), labels=block)
+    pos_of = []
+    for s in group:
+        pos = np.full(len(paths), -1, dtype=np.int64)
+        pos[s.req.rows[s.todo]] = s.todo
+        pos_of.append(torch.from_numpy(pos))
+    failed: dict[int, str] = {}
+    for x, rows, _, bad, sizes in make_loader(ds, batch_size=batch_size, workers=workers):
+        for i, msg in bad:
+            failed[block[i]] = msg
+            report.failed[block[i]] = msg
             if strict:
                 raise UserError(f"{msg} (--strict stops at the first unreadable image).")
-        report.decodes += len(rows) + len(failed)
+        report.decodes += len(rows) + len(bad)
         report.upscaled += sum(1 for w, h in sizes if min(w, h) < prep.input_size)
         if x is None:
             continue
         x = x.to(device, non_blocking=True)
-        for view in views:
-            xv = dihedral(x, view)
-            normalized: dict[tuple, torch.Tensor] = {}
-            for req, _, pos, feats, ok in slots:
-                if req.view != view:
-                    continue
+        for view in sorted({s.req.view for s in group}):
+            xv, normalized = dihedral(x, view), {}
+            for s, pos in zip(group, pos_of, strict=True):
                 where = pos[rows]
                 keep = where >= 0
-                if not keep.any():
+                if s.req.view != view or not keep.any():
                     continue
-                norm_key = (req.backbone.prep.mean, req.backbone.prep.std)
-                if norm_key not in normalized:
-                    normalized[norm_key] = normalize(xv, req.backbone.prep)
-                f = run_backbone(backbones[req.backbone.name], normalized[norm_key][keep], fp)
-                feats[where[keep]] = f.to("cpu", torch.float16)
-                ok[where[keep]] = True
-    for req, key, _, feats, ok in slots:
-        name = f"{req.backbone.name}/view {req.view}"
-        if cache is not None:
-            cache.save(key, feats, ok, {
-                "arch": req.backbone.name, "weights": req.backbone.weights_id,
-                "prep": req.backbone.prep.to_dict(), "view": req.view,
-                "failed": int((~ok).sum()), "package": __version__,
-            })  # fmt: skip
-        out[(req.backbone.name, req.view)] = (feats, ok)
-        report.extracted.append(name)
+                bb = s.req.backbone
+                nk = (bb.prep.mean, bb.prep.std)
+                if nk not in normalized:
+                    normalized[nk] = normalize(xv, bb.prep)
+                f = run_backbone(bb, normalized[nk][keep], fp)
+                s.feats[where[keep]] = f.to("cpu", torch.float16)
+                s.ok[where[keep]] = True
+                report.images_extracted += int(keep.sum())
+    return failed
+
+
+def _save_block(cache, ids, paths, block, failed, group, report) -> None:
+    in_block = set(block)
+    for s in group:
+        positions = [int(p) for p in s.todo if int(s.req.rows[p]) in in_block]
+        positions = [p for p in positions if ids[s.req.rows[p]] is not None]
+        if not positions:
+            continue
+        chunk_ids = [ids[s.req.rows[p]] for p in positions]
+        msgs = {ids[s.req.rows[p]]: failed[int(s.req.rows[p])] for p in positions
+                if int(s.req.rows[p]) in failed}  # fmt: skip
+        bb = s.req.backbone
+        cache.save(s.space, chunk_ids, s.feats[positions], s.ok[positions], msgs, {
+            "arch": bb.name, "weights": bb.weights_id, "prep": bb.prep.to_dict(),
+            "view": s.req.view, "package": __version__,
+        })  # fmt: skip
+
+
+def check_features(name: str, feats: torch.Tensor, ok: torch.Tensor) -> None:
+    """A baseline must work before anything is compared with it: features that are not
+    finite, or that do not vary across images, say so by backbone instead of training a
+    head on nothing (random-init inception_v3 once gave 90% inf after the fp16 cache)."""
+    x = feats[ok].float()
+    if len(x) == 0:
+        return
+    if not torch.isfinite(x).all():
+        share = 1 - torch.isfinite(x).float().mean().item()
+        raise UserError(
+            f"The {name} features are not finite ({share:.0%} inf or NaN); this backbone's "
+            "output overflows, so no head can be trained on it."
+        )
+    varying = (x.std(0) > 0).float().mean().item() if len(x) > 1 else 1.0
+    if varying == 0 or (x == 0).all():
+        raise UserError(
+            f"The {name} features are constant across images (all zero or equal); this "
+            "backbone carries no information, so no head can be trained on it."
+        )
+    if varying < 0.5:
+        log.warning("Only %.0f%% of the %s feature columns vary across images.",
+                    100 * varying, name)  # fmt: skip

@@ -34,30 +34,36 @@ def make_head(
     raise UserError(f"Unknown head {kind!r}; choose one of: {', '.join(HEADS)}.")
 
 
-def save_head(path: str | Path, head: nn.Module, meta: dict) -> Path:
-    """Atomic: written to a temporary file, then renamed over the target."""
+def save_head(path: str | Path, head: nn.Module, meta: dict, extra: dict | None = None) -> Path:
+    """Atomic: written to a temporary file, then renamed over the target. `extra`: tensors
+    of the backbone that the head depends on (a random-init backbone's batch-norm
+    statistics), so the file alone rebuilds what it was trained on."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    extra = {k: v.detach().cpu().clone() for k, v in (extra or {}).items()}
     text = json.dumps(meta, default=_jsonable)
     payload = {
         "format": HEAD_FORMAT,
         "meta": text,
         "state_dict": state,
-        "checksum": _checksum(text, state),
+        "checksum": _checksum(text, state, extra),
     }
+    if extra:
+        payload["extra"] = extra
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
 
 
-def _checksum(meta: str, state: dict) -> str:
+def _checksum(meta: str, state: dict, extra: dict | None = None) -> str:
     """sha256 of metadata and weights: a file changed after saving is refused, not misused."""
     h = hashlib.sha256(meta.encode())
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].contiguous().numpy().tobytes())
+    for part in (state, extra or {}):
+        for k in sorted(part):
+            h.update(k.encode())
+            h.update(part[k].contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -93,15 +99,18 @@ def read_head_file(path: str | Path) -> tuple[dict, dict]:
     try:
         meta = json.loads(payload["meta"])
         state = payload["state_dict"]
+        extra = payload.get("extra", {})
         assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+        assert isinstance(extra, dict) and all(isinstance(v, torch.Tensor) for v in extra.values())
     except (KeyError, TypeError, ValueError, AssertionError):
         raise UserError(
             f"Head file {path} is damaged: its metadata or weights are missing."
         ) from None
-    if payload.get("checksum") != _checksum(payload["meta"], state):
+    if payload.get("checksum") != _checksum(payload["meta"], state, extra):
         raise UserError(
             f"Head file {path} was changed after it was saved: its checksum does not match."
         )
+    meta["_extra"] = extra
     return meta, state
 
 

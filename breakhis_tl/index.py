@@ -107,6 +107,7 @@ def index_breakhis(data: str | Path) -> pd.DataFrame:
                 "subtype_name": SUBTYPES[code],
                 "magnification": int(m["mag"]),
                 "patient": m["slide"].upper(),
+                "slide": m["slide"].upper(),
                 "slide_folder": path.parent.parent.name,
             }
         )
@@ -142,6 +143,7 @@ def index_idc(data: str | Path) -> pd.DataFrame:
                 "filename": path.name,
                 "label": IDC_CLASSES[int(m["cls"])],
                 "patient": m["patient"],
+                "slide": m["patient"],
                 "x": int(m["x"]),
                 "y": int(m["y"]),
             }

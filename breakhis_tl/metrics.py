@@ -88,12 +88,19 @@ def compute_metrics(y_true, probs, classes: list[str], patients=None, curves_onl
     return out
 
 
+def split_label(split: str) -> str:
+    """The side that picked the epoch is named so in every table: its score is optimistic."""
+    return "val (selected)" if split == "val" else split
+
+
 def fold_table(results: pd.DataFrame, metrics) -> pd.DataFrame:
     """One row per architecture and split of a results table: each metric as its mean, with
-    ± the std over folds where there are several."""
+    ± the std over folds and repeats where there are several."""
     rows = []
     for (arch, split), g in results.groupby(["arch", "split"], sort=False):
-        row = {"arch": arch, "split": split, "folds": int(g["fold"].notna().sum()) or 1}
+        folds = int(g["fold"].nunique()) if g["fold"].notna().any() else 1
+        runs = int(g["repeat"].nunique()) if "repeat" in g else 1
+        row = {"arch": arch, "split": split_label(split), "folds": folds, "repeats": runs}
         for m in metrics:
             v = g[m].astype(float)
             row[m] = f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")

@@ -99,6 +99,14 @@ class Classifier:
     def from_head(cls, path: str | Path, device: str = "auto") -> Classifier:
         head, meta = load_head(path)
         bb = build_backbone(meta["arch"], meta["weights"], int(meta.get("seed", 0)))
+        if meta.get("_extra"):  # a random-init backbone's batch-norm statistics
+            from breakhis_tl.calibration import load_bn_state
+
+            try:
+                load_bn_state(bb, meta["_extra"])
+            except (ValueError, RuntimeError) as exc:
+                raise UserError(f"Head {path} carries backbone statistics that do not fit "
+                                f"{bb.name} ({exc}).") from None  # fmt: skip
         if bb.feature_dim != int(meta["feature_dim"]):
             raise UserError(
                 f"Head {path} expects {meta['feature_dim']}-d features, but the {bb.name} "
@@ -107,7 +115,8 @@ class Classifier:
         if bb.weights_id != meta.get("weights_id", bb.weights_id):
             raise UserError(
                 f"Head {path} was trained on {meta['arch']} with weights {meta['weights_id']}, "
-                f"but the backbone rebuilt now has weights {bb.weights_id}."
+                f"but the backbone rebuilt now has weights {bb.weights_id}; its features would "
+                "not be the ones the head learned."
             )
         return cls(bb, head, meta, pick_device(device))
 

@@ -1,19 +1,18 @@
 """The main job: split, extract features once, train a head per architecture, write everything.
 
-Stages run in order and each can be read on its own: configuration checks (before any long
-work), data and split, backbones, feature extraction (cached), head training per architecture
-and fold, and the outputs (heads, results.csv, predictions, TensorBoard logs, graphs).
+Stages run in order and each is a function a reader can name: configuration checks (before
+any long work), data and folds (`prepare_data`), backbones (`build_backbones`), features
+(`extract_features`, cached per image), one head per architecture x fold x repeat (the
+stages of `headjob`), and the run's files (`write_run_outputs`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,42 +20,37 @@ import numpy as np
 import pandas as pd
 import torch
 
-from breakhis_tl import __version__
+from breakhis_tl import __version__, headjob
 from breakhis_tl.backbones import DEFAULT_ARCHS, Backbone, build_backbone, check_arch
 from breakhis_tl.errors import UserError
 from breakhis_tl.features import (
     FastPath,
     FeatureCache,
     Request,
+    check_features,
     extract,
     fast_path,
     pick_device,
     prepare,
 )
-from breakhis_tl.heads import HEADS, make_head, save_head
+from breakhis_tl.folds import Plan, SplitOptions, check_options, plan_folds, write_split
+from breakhis_tl.heads import HEADS
+from breakhis_tl.identity import ImageStore
 from breakhis_tl.index import build_index, filter_magnification, parse_magnification
-from breakhis_tl.metrics import METRICS, compute_metrics, fold_table
-from breakhis_tl.plots import CURVE_METRICS, plot_comparison, plot_confusion, plot_curves
-from breakhis_tl.splits import (
-    PROTOCOLS,
-    TASKS,
-    check_classes,
-    class_names,
-    make_split,
-    read_split,
-    select_fold,
-    target_column,
-    write_split,
+from breakhis_tl.leakage import check_twins
+from breakhis_tl.metrics import fold_table
+from breakhis_tl.outputs import (
+    atomic_csv,
+    atomic_json,
+    check_run_name,
+    default_run_name,
+    open_run_folders,
+    run_folders,
 )
-from breakhis_tl.tblog import log_epoch, log_final, open_writer
-from breakhis_tl.training import (
-    TrainConfig,
-    end_to_end_batches,
-    end_to_end_features,
-    feature_batches,
-    fit,
-    predict_features,
-)
+from breakhis_tl.plots import CURVE_METRICS, plot_comparison
+from breakhis_tl.recipes import RECIPES, apply_recipe
+from breakhis_tl.splits import TASKS, check_classes, class_names, target_column
+from breakhis_tl.training import TrainConfig
 from breakhis_tl.transforms import N_VIEWS
 
 log = logging.getLogger(__name__)
@@ -70,20 +64,25 @@ class RunConfig:
     weights: str = "default"  # default, none or a file; per arch: "default,resnet50=none"
     task: str | None = None  # binary or subtype; None: binary (subtype for eva)
     magnification: str = "all"  # all or a list such as 40X,200X
-    protocol: str = "patient"  # patient, cv, folds, eva or random
+    protocol: str | None = None  # patient, cv, folds, eva or random; None: split file's or patient
+    group_by: str | None = None  # patient key: slide (default) or accession
     fold: str | None = None  # fold to run or all; None: all cv folds, official fold 1
     cv: int | None = None  # k folds with patient (grouped) or random (image-level)
     split_file: str | None = None  # reuse a split written by `split --out`
     folds_csv: str | None = None  # official Folds.csv; default: looked for beside BreaKHis_v1
+    eva_holdout: bool = False  # eva: its 14 val slides become an untouched test set
     val_frac: float = 0.15
     test_frac: float = 0.15
+    recipe: str = "default"  # default, or eva (the eva benchmark's head recipe)
+    repeats: int | None = None  # heads per fold, other seeds (features once); None: 1, eva 5
     views: int = 1  # cached dihedral views of each training image (1-8)
     no_cache: bool = False  # end to end: backbone pass every epoch (slow baseline)
     strict: bool = False  # stop at the first unreadable image instead of skipping it
     device: str = "auto"
     run: str | None = None  # run name; default: a timestamp
+    overwrite: bool = False  # replace an existing run of that name, whole
     out: str = "."  # where summary_writers/, validation_graphs/, trained_models/ go
-    cache_dir: str | None = None  # default: <out>/data/cache/features
+    cache_dir: str | None = None  # default: <out>/data/cache (features/, images.sqlite)
     workers: int | None = None  # DataLoader workers; default: cores - 1, at most 4
     extract_batch: int = 32
     progress: bool = True
@@ -135,16 +134,15 @@ class StopFlag:
 
 def validate(cfg: RunConfig) -> None:
     """Every mistake that can be seen up front is reported before any long work starts."""
-    for a in cfg.archs:
-        check_arch(a)
     if not cfg.archs:
         raise UserError("No architecture given.")
+    for a in cfg.archs:
+        check_arch(a)
     if cfg.task is not None and cfg.task not in TASKS:
         raise UserError(f"Unknown task {cfg.task!r}; choose one of: {', '.join(TASKS)}.")
-    if cfg.protocol not in PROTOCOLS:
-        raise UserError(
-            f"Unknown protocol {cfg.protocol!r}; choose one of: {', '.join(PROTOCOLS)}."
-        )
+    if cfg.recipe not in RECIPES:
+        raise UserError(f"Unknown recipe {cfg.recipe!r}; choose one of: {', '.join(RECIPES)}.")
+    check_options(split_options(cfg, cfg.task or "binary"))
     t = cfg.train
     if t.head not in HEADS:
         raise UserError(f"Unknown head {t.head!r}; choose one of: {', '.join(HEADS)}.")
@@ -155,14 +153,14 @@ def validate(cfg: RunConfig) -> None:
         (t.batch_size >= 1, f"--batch-size must be at least 1, not {t.batch_size}."),
         (t.patience >= 1, f"--patience must be at least 1, not {t.patience}."),
         (0 <= t.dropout < 1, f"--dropout must be in [0, 1), not {t.dropout}."),
+        (t.select in ("best", "last"), f"--select must be best or last, not {t.select!r}."),
         (1 <= cfg.views <= N_VIEWS, f"--views must be between 1 and {N_VIEWS}, not {cfg.views}."),
         (cfg.cv is None or cfg.cv >= 2, f"--cv must be at least 2, not {cfg.cv}."),
+        (cfg.repeats >= 1, f"--repeats must be at least 1, not {cfg.repeats}."),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    if cfg.fold is not None and cfg.fold != "all" and not str(cfg.fold).isdigit():
-        raise UserError(f"--fold must be a fold number or all, not {cfg.fold!r}.")
     if cfg.views > 1 and cfg.no_cache:
         raise UserError("--views caches views; with --no-cache, augmentation is online already.")
     for part in cfg.weights.split(","):
@@ -170,6 +168,14 @@ def validate(cfg: RunConfig) -> None:
         if sep and name not in cfg.archs:
             raise UserError(f"--weights names {name!r}, which is not among --archs.")
     pick_device(cfg.device)
+
+
+def split_options(cfg: RunConfig, task: str) -> SplitOptions:
+    return SplitOptions(
+        protocol=cfg.protocol, task=task, seed=cfg.train.seed, fold=cfg.fold, cv=cfg.cv,
+        val_frac=cfg.val_frac, test_frac=cfg.test_frac, folds_csv=cfg.folds_csv,
+        split_file=cfg.split_file, group_by=cfg.group_by, eva_holdout=cfg.eva_holdout,
+    )  # fmt: skip
 
 
 def weights_for(spec: str, arch: str) -> str:
@@ -185,16 +191,6 @@ def weights_for(spec: str, arch: str) -> str:
     return chosen
 
 
-def _writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{time.time_ns()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"Output folder {folder} cannot be written ({exc.strerror}).") from None
-
-
 def _resolve_data(cfg: RunConfig, out: Path) -> Path:
     if cfg.data is not None:
         return Path(cfg.data)
@@ -207,35 +203,7 @@ def _resolve_data(cfg: RunConfig, out: Path) -> Path:
     return data
 
 
-def load_folds(
-    cfg: RunConfig, index: pd.DataFrame, task: str
-) -> list[tuple[int | None, pd.DataFrame]]:
-    """(fold, split) pairs to train on: one for a plain split, several for folds."""
-    if cfg.split_file:
-        split = read_split(cfg.split_file, index)
-        if "fold" in split and split["fold"].nunique() > 1 and cfg.fold not in (None, "all"):
-            split = select_fold(split, int(cfg.fold))
-        return [(None, split)]
-    fold = None if cfg.fold in (None, "all") else int(cfg.fold)
-    kw = dict(
-        protocol=cfg.protocol,
-        task=task,
-        seed=cfg.train.seed,
-        val_frac=cfg.val_frac,
-        test_frac=cfg.test_frac,
-        folds_csv=cfg.folds_csv,
-    )
-    if cfg.protocol == "folds":
-        folds = range(1, 6) if cfg.fold == "all" else [fold or 1]
-        return [(k, make_split(index, fold=k, **kw)) for k in folds]
-    if cfg.protocol == "cv" or cfg.cv:
-        base = make_split(index, fold=fold or 1, n_folds=cfg.cv or 5, **kw)
-        ks = sorted(base["fold"].unique()) if fold is None else [fold]
-        return [(int(k), select_fold(base, int(k))) for k in ks]
-    return [(None, make_split(index, fold=fold, **kw))]
-
-
-def _versions() -> dict:
+def versions() -> dict:
     import sklearn
     import torchvision
 
@@ -246,126 +214,99 @@ def _versions() -> dict:
     }  # fmt: skip
 
 
-def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
-    validate(cfg)
-    out = Path(cfg.out)
-    run = cfg.run or time.strftime("%Y%m%d-%H%M%S")
-    folders = {
-        "models": out / "trained_models" / run,
-        "logs": out / "summary_writers" / run,
-        "graphs": out / "validation_graphs" / run,
-    }
-    for f in folders.values():
-        _writable(f)
-    command = command or " ".join(sys.argv)
-    device = pick_device(cfg.device)
+@dataclass
+class Data:
+    """The run's images (one row each, across folds) and its folds."""
 
-    # data and split
-    task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
-    classes = class_names(task, cfg.dataset, cfg.protocol)
-    index = build_index(_resolve_data(cfg, out), cfg.dataset)
+    plan: Plan
+    images: pd.DataFrame
+    y: np.ndarray  # class index per image
+    twins: dict  # fold -> test images with a twin in train
+
+
+def prepare_data(cfg: RunConfig, task: str, classes: list[str], store: ImageStore) -> Data:
+    """Index, folds, class checks and the leakage check by picture (pixel hashes)."""
+    index = build_index(_resolve_data(cfg, Path(cfg.out)), cfg.dataset)
     index = filter_magnification(index, parse_magnification(cfg.magnification))
-    folds = load_folds(cfg, index, task)
-    for _, split in folds:
-        check_classes(split, task, classes)
-    base = (
-        pd.concat([f for _, f in folds])
-        .drop_duplicates("relpath")
-        .drop(columns=["split", "fold"], errors="ignore")
-        .reset_index(drop=True)
-    )
-    # one row per image (cv: with its fold); official folds: one row per image and fold
-    kept = pd.concat([f for _, f in folds]) if cfg.protocol == "folds" else folds[0][1]
-    write_split(kept, folders["models"] / "split.csv")
+    plan = plan_folds(index, split_options(cfg, task))
+    images = (
+        pd.concat([f for _, f in plan.folds]).drop_duplicates("relpath")
+        .drop(columns=["split", "fold"], errors="ignore").reset_index(drop=True)
+    )  # fmt: skip
+    images["pixel"] = store.pixel_hashes(images["path"].tolist(), cfg.workers, cfg.progress)
+    pixel = dict(zip(images["relpath"], images["pixel"], strict=True))
     target = target_column(task)
-    y_all = base[target].map({c: i for i, c in enumerate(classes)})
-    paths = base["path"].tolist()
+    twins = {}
+    for k, split in plan.folds:
+        check_classes(split, task, classes)
+        found = check_twins(split.assign(pixel=split["relpath"].map(pixel)), target, plan.protocol)
+        twins[k] = found.test_with_train_twin
+    if (plan.protocol == "eva" and not cfg.eva_holdout) or any(
+        not (s["split"] == "val").any() for _, s in plan.folds
+    ):
+        _check_selection(cfg, plan)
+    y = images[target].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return Data(plan, images, y, twins)
 
-    # backbones: built first, so a missing weights file stops the run before any extraction
-    backbones = {
-        a: build_backbone(a, weights_for(cfg.weights, a), cfg.train.seed) for a in cfg.archs
-    }
-    fp = fast_path(device)
-    cache = (
-        None if cfg.no_cache else FeatureCache(cfg.cache_dir or out / "data" / "cache" / "features")
-    )
-    feats, report = {}, None
-    rows_of = {rel: i for i, rel in enumerate(base["relpath"])}
-    view_rows = np.array(
-        sorted({rows_of[r] for _, s in folds for r in s.loc[s["split"] == "train", "relpath"]})
-    )
-    if not cfg.no_cache:
-        all_rows = np.arange(len(paths))
-        requests = [Request(bb, 0, all_rows) for bb in backbones.values()]
-        requests += [
-            Request(bb, v, view_rows) for bb in backbones.values() for v in range(1, cfg.views)
-        ]
-        feats, report = extract(
-            paths,
-            requests,
-            cache,
-            device,
-            cfg.extract_batch,
-            cfg.workers,
-            cfg.strict,
-            progress=cfg.progress,
+
+def _check_selection(cfg: RunConfig, plan: Plan) -> None:
+    if cfg.train.select == "best" and any(not (s["split"] == "val").any() for _, s in plan.folds):
+        raise UserError(
+            "This split has no validation images to select the epoch on; add them, or pass "
+            f"--select last to train {cfg.train.epochs} epochs and keep the last head."
         )
-        if report.extracted:
-            log.info(
-                "Extracted %d feature set(s); %d came from the cache.",
-                len(report.extracted),
-                len(report.cached),
-            )
-        else:
-            log.info("Feature cache used: nothing extracted (%d entries).", len(report.cached))
+
+
+def build_backbones(cfg: RunConfig, data: Data) -> dict[tuple[str, int | None], Backbone]:
+    """(arch, fold) -> frozen backbone. A random init gets its batch-norm statistics from
+    each fold's own training images, so a baseline never sees its test images."""
+    from breakhis_tl.calibration import calibrate, has_batchnorm
+
+    out = {}
+    for arch in cfg.archs:
+        weights = weights_for(cfg.weights, arch)
+        base = build_backbone(arch, weights, cfg.train.seed)
+        for k, split in data.plan.folds:
+            if weights != "none" or not has_batchnorm(base):
+                out[(arch, k)] = base
+                continue
+            bb = build_backbone(arch, weights, cfg.train.seed)
+            train = split.loc[split["split"] == "train", "path"].tolist()
+            out[(arch, k)] = calibrate(bb, train, cfg.train.seed, cfg.extract_batch, cfg.workers)
+    return out
+
+
+def extract_features(cfg, data: Data, backbones, device, cache, store):
+    """Each distinct backbone over every image, its views over the training images."""
+    rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
+    distinct, train_rows = {}, {}
+    for (_, k), bb in backbones.items():
+        key = (bb.name, bb.weights_id)
+        distinct[key] = bb
+        split = dict(data.plan.folds)[k]
+        rows = split.loc[split["split"] == "train", "relpath"].map(rows_of)
+        train_rows.setdefault(key, set()).update(rows.tolist())
+    all_rows = np.arange(len(data.images))
+    requests, view_pos = [], {}
+    for key, bb in distinct.items():
+        requests.append(Request(bb, 0, all_rows))
+        vr = np.array(sorted(train_rows[key]), dtype=np.int64)
+        view_pos[key] = {int(r): i for i, r in enumerate(vr)}
+        requests += [Request(bb, v, vr) for v in range(1, cfg.views)]
+    paths = data.images["path"].tolist()
+    got, report = extract(paths, requests, cache, device, cfg.extract_batch, cfg.workers,
+                          cfg.strict, progress=cfg.progress, store=store)  # fmt: skip
+    feats = {}
+    for req, (f, ok) in zip(requests, got, strict=True):
+        feats[(req.backbone.name, req.backbone.weights_id, req.view)] = (f, ok)
+        if req.view == 0:
+            check_features(req.backbone.name, f, ok)
+    if report.extracted:
+        log.info("Extracted %d image feature(s); %d feature set(s) came wholly from the cache.",
+                 report.images_extracted, len(report.cached))  # fmt: skip
     else:
-        for bb in backbones.values():
-            prepare(bb, device, fp)
-
-    stop = StopFlag()
-    ctx = _Context(cfg, run, task, classes, command, device, fp, folders, feats, view_rows, stop)
-    previous = stop.install()
-    rows, history_rows, pred_frames, heads, histories = [], [], [], {}, {}
-    skipped: list[str] = []
-    interrupted = False
-    try:
-        for arch, bb in backbones.items():
-            for fold, split in folds:
-                split = split.reset_index(drop=True)
-                sel = np.array(split["relpath"].map(rows_of), dtype=np.int64)
-                stop.training = True
-                res = _train_one(ctx, bb, fold, split, sel, y_all.to_numpy()[sel].astype(int))
-                stop.training = False
-                heads[res["name"]] = res["head_path"]
-                histories[res["name"]] = res["history"]
-                rows += res["rows"]
-                history_rows += [{"arch": arch, "fold": fold, **h} for h in res["history"]]
-                pred_frames.append(res["predictions"])
-                skipped = sorted(set(skipped) | set(res["skipped"]))
-                if res["interrupted"]:
-                    interrupted = True
-                    break
-            if interrupted:
-                break
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-    results = pd.DataFrame(rows)
-    history = pd.DataFrame(history_rows)
-    predictions = pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame()
-    _write_outputs(cfg, run, folders, results, history, predictions, histories, command, classes)
-    return RunResult(
-        run,
-        results,
-        history,
-        predictions,
-        heads,
-        folders,
-        interrupted,
-        bool(report and not report.extracted),
-        skipped,
-    )
+        log.info("Feature cache used: nothing extracted (%d entries).", len(report.cached))
+    return feats, view_pos, report
 
 
 @dataclass
@@ -376,187 +317,153 @@ class _Context:
     run: str
     task: str
     classes: list[str]
+    protocol: str
+    group_by: str
     command: str
     device: torch.device
     fp: FastPath
     folders: dict[str, Path]
-    feats: dict  # (arch, view) -> (fp16 features, ok mask), rows as in the run's image list
-    view_rows: np.ndarray  # image rows whose extra views were extracted, in feature order
+    feats: dict  # (arch, weights id, view) -> (fp16 features, ok mask)
+    view_pos: dict  # (arch, weights id) -> {image row: position in that view's features}
     stop: StopFlag
+    versions: dict
+    writers: dict = field(default_factory=dict)
 
 
-def _train_one(ctx: _Context, bb: Backbone, fold, split, sel, y) -> dict:
-    """Train, evaluate and save one head: `sel` maps the split's rows to the image list."""
-    cfg, classes, feats, device, fp = ctx.cfg, ctx.classes, ctx.feats, ctx.device, ctx.fp
-    folders, run, task, command, stop = ctx.folders, ctx.run, ctx.task, ctx.command, ctx.stop
-    name = bb.name if fold is None else f"{bb.name}_fold{fold}"
-    t = cfg.train
-    side = split["split"].to_numpy()
-    sides = [s for s in ("val", "test") if (side == s).any()]
-    if cfg.no_cache:
-        # the slow baseline: every image through the backbone, every epoch
-        tr = np.flatnonzero(side == "train")
-        batches = end_to_end_batches(
-            bb, [split["path"][i] for i in tr], y[tr], t.batch_size, t.seed, device, fp, cfg.workers
-        )
-        ok_mask = np.ones(len(split), bool)
+def head_jobs(cfg: RunConfig, data: Data, backbones) -> list[headjob.HeadJob]:
+    rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
+    jobs = []
+    for arch in cfg.archs:
+        for k, split in data.plan.folds:
+            split = split.reset_index(drop=True)
+            rows = np.array(split["relpath"].map(rows_of), dtype=np.int64)
+            for r in range(cfg.repeats):
+                name = arch.replace(":", "_").replace("/", "_")
+                name += "" if k is None else f"_fold{k}"
+                name += f"_rep{r + 1}" if cfg.repeats > 1 else ""
+                seed = headjob.head_seed(cfg.train.seed, arch, k, r)
+                y = data.y[rows].astype(int)
+                bb, twins = backbones[(arch, k)], data.twins.get(k, 0)
+                job = headjob.HeadJob(bb, k, r + 1, split, rows, y, twins, name, seed)
+                if job.backbone.weights == "none":
+                    from breakhis_tl.calibration import bn_state
 
-        def eval_feats(s):
-            idx = np.flatnonzero(side == s)
-            f, ok = end_to_end_features(
-                bb, [split["path"][i] for i in idx], cfg.extract_batch, device, fp, cfg.workers
-            )
-            return f[ok], idx[ok.numpy()]
+                    job.extras = bn_state(job.backbone)
+                jobs.append(job)
+    return jobs
 
-        train_labels = y[tr]
-    else:
-        f0, ok0 = feats[(bb.name, 0)]
-        f_all, ok_mask = f0[sel], ok0[sel].numpy()
-        tr = np.flatnonzero((side == "train") & ok_mask)
-        xs, ys = [f_all[tr]], [y[tr]]
-        if cfg.views > 1:
-            pos = {r: i for i, r in enumerate(ctx.view_rows)}
-            for v in range(1, cfg.views):
-                fv, _ = feats[(bb.name, v)]
-                take = [pos[sel[i]] for i in tr]
-                xs.append(fv[take])
-                ys.append(y[tr])
-        x_train = torch.cat(xs)
-        y_train = torch.as_tensor(np.concatenate(ys))
-        batches = feature_batches(x_train, y_train, t.batch_size, t.seed)
-        train_labels = y_train.numpy()
 
-        def eval_feats(s):
-            idx = np.flatnonzero((side == s) & ok_mask)
-            return f_all[idx], idx
-
-    skipped = [split["path"][i] for i in np.flatnonzero(~ok_mask)]
-    patients = split["patient"].to_numpy()
-    val_cache = {}
-
-    def evaluate_val(head):
-        if "val" not in val_cache or cfg.no_cache:
-            val_cache["val"] = eval_feats("val")
-        x, idx = val_cache["val"]
-        return y[idx], predict_features(head, x, device), patients[idx].tolist()
-
-    tb_dir = folders["logs"] / (bb.name if fold is None else f"{bb.name}/fold{fold}")
-    head = make_head(t.head, bb.feature_dim, len(classes), t.hidden, t.dropout)
-    hparams = {
-        "arch": bb.name, "weights": bb.weights_id, "head": t.head, "task": task,
-        "protocol": cfg.protocol, "fold": -1 if fold is None else fold, "epochs": t.epochs,
-        "lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size,
-        "views": cfg.views, "seed": t.seed, "cached": not cfg.no_cache,
-    }  # fmt: skip
-    writer = open_writer(tb_dir, {
-        "config": json.dumps(cfg.to_dict(), indent=1, default=str), "command": command,
-        "versions": json.dumps(_versions(), indent=1),
-        "skipped_images": f"{len(skipped)} skipped\n" + "\n".join(skipped),
-    })  # fmt: skip
-    log.info(
-        "Training a %s head on %s%s (%d classes).",
-        t.head,
-        bb.name,
-        "" if fold is None else f", fold {fold}",
-        len(classes),
-    )
+def run_job(ctx: _Context, job: headjob.HeadJob) -> dict:
+    """Train, evaluate and save one head."""
+    data = headjob.training_data(ctx, job)
+    ctx.writers[job.name] = headjob.open_head_writer(ctx, job, data.skipped)
     try:
-        result = fit(
-            head,
-            batches,
-            evaluate_val,
-            train_labels,
-            classes,
-            t,
-            on_epoch=lambda e, logs: log_epoch(writer, e, logs),
-            should_stop=lambda: stop.stop,
-            device=device,
-        )
-        evals, rows, preds = {}, [], []
-        for s in sides:
-            x, idx = eval_feats(s) if s != "val" or cfg.no_cache else val_cache["val"]
-            probs = predict_features(head, x, device) if len(idx) else np.zeros((0, len(classes)))
-            m = compute_metrics(y[idx], probs, classes, patients[idx].tolist())
-            evals[s] = (m, y[idx], probs)
-            rows.append({
-                "arch": bb.name, "fold": fold, "split": s,
-                **{k: m[k] for k in METRICS}, "n_images": m["n_images"],
-                "n_patients": m["n_patients"], "best_epoch": result.best_epoch,
-                "epochs_run": len(result.history), "train_seconds": round(result.seconds, 3),
-                "skipped_images": len(skipped), "weights": bb.weights_id, "head": t.head,
-                "task": task, "protocol": cfg.protocol, "views": cfg.views,
-                "cached": not cfg.no_cache, "interrupted": result.interrupted,
-            })  # fmt: skip
-            frame = split.iloc[idx][
-                [
-                    c
-                    for c in ("path", "relpath", "patient", "magnification", "subtype", "label")
-                    if c in split
-                ]
-            ].copy()
-            frame.insert(0, "split", s)
-            frame.insert(0, "fold", fold)
-            frame.insert(0, "arch", bb.name)
-            frame["target"] = [classes[i] for i in y[idx]]
-            frame["prediction"] = [classes[i] for i in probs.argmax(1)] if len(idx) else []
-            for k, c in enumerate(classes):
-                frame[f"prob_{c}"] = probs[:, k] if len(idx) else []
-            preds.append(frame)
-        log_final(writer, evals, classes, hparams, name)
+        ctx.stop.training = True
+        head, result = headjob.train_head(ctx, job, data)
+        ctx.stop.training = False
+        evals = headjob.evaluate_head(ctx, job, head, data)
+        meta = headjob.head_record(ctx, job, result, evals, len(data.skipped))
+        path = headjob.write_head_outputs(ctx, job, head, result, evals, meta)
     finally:
-        writer.close()
-    best_val = evals.get("val", (None,))[0] or {}
-    meta = {
-        "arch": bb.name, "weights": bb.weights, "weights_id": bb.weights_id,
-        "feature_dim": bb.feature_dim, "classes": classes, "prep": bb.prep.to_dict(),
-        "task": task, "dataset": cfg.dataset, "protocol": cfg.protocol,
-        "magnification": cfg.magnification, "fold": fold, "seed": t.seed, "head": t.head,
-        "hidden": t.hidden, "dropout": t.dropout, "train": t.to_dict(), "views": cfg.views,
-        "best_epoch": result.best_epoch,
-        "metrics": {s: {k: v for k, v in evals[s][0].items()} for s in evals},
-        "val_balanced_accuracy": best_val.get("balanced_accuracy"),
-        "package_version": __version__, "versions": _versions(), "command": command,
-        "run": run, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "skipped_images": len(skipped),
-    }  # fmt: skip
-    head_path = save_head(folders["models"] / f"{name}.pt", head, meta)
-    plot_curves(result.history, f"{name} ({run})", folders["graphs"] / f"{name}_curves.png")
-    shown = "test" if "test" in evals else "val"
-    plot_confusion(
-        evals[shown][0]["confusion"],
-        classes,
-        f"{name}: {shown} ({run})",
-        folders["graphs"] / f"{name}_confusion.png",
-    )
+        ctx.stop.training = False
+        ctx.writers.pop(job.name).close()
     return {
-        "name": name,
-        "rows": rows,
-        "history": result.history,
-        "head_path": head_path,
-        "predictions": pd.concat(preds, ignore_index=True),
-        "skipped": skipped,
-        "interrupted": result.interrupted,
-    }
+        "name": job.name, "arch": job.backbone.name, "head_path": path,
+        "rows": headjob.result_rows(ctx, job, result, evals, len(data.skipped)),
+        "history": result.history, "predictions": headjob.prediction_frame(ctx, job, evals),
+        "skipped": data.skipped, "interrupted": result.interrupted,
+    }  # fmt: skip
 
 
-def _write_outputs(cfg, run, folders, results, history, predictions, histories, command, classes):
-    models = folders["models"]
-    results.to_csv(models / "results.csv", index=False)
-    history.to_csv(models / "history.csv", index=False)
-    predictions.to_csv(models / "predictions.csv", index=False)
-    (models / "config.json").write_text(json.dumps(
-        {"run": run, "command": command, "classes": classes, "config": cfg.to_dict(),
-         "versions": _versions()}, indent=1, default=str))  # fmt: skip
+def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
+    cfg = apply_recipe(cfg)
+    validate(cfg)
+    out, run = Path(cfg.out), cfg.run or default_run_name()
+    folders = run_folders(out, run)
+    check_run_name(folders, cfg.overwrite)
+    command = command or " ".join(sys.argv)
+    device = pick_device(cfg.device)
+    task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "data" / "cache"
+    store = ImageStore(cache_root / "images.sqlite")
+    classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
+    data = prepare_data(cfg, task, classes, store)
+    backbones = build_backbones(cfg, data)
+    fp = fast_path(device)
+    feats, view_pos, report = {}, {}, None
+    if cfg.no_cache:
+        for bb in {id(b): b for b in backbones.values()}.values():
+            prepare(bb, device, fp)
+    else:
+        cache = FeatureCache(cache_root / "features")
+        feats, view_pos, report = extract_features(cfg, data, backbones, device, cache, store)
+    open_run_folders(folders, cfg.overwrite)
+    write_split(data.plan, folders["models"] / "split.csv")
+    ctx = _Context(cfg, run, task, classes, data.plan.protocol, data.plan.group_by, command,
+                   device, fp, folders, feats, view_pos, StopFlag(), versions())  # fmt: skip
+    done = _run_jobs(ctx, head_jobs(cfg, data, backbones))
+    results, history, predictions = _collect(done)
+    write_run_outputs(ctx, results, history, predictions, done)
+    skipped = sorted({p for d in done for p in d["skipped"]})
+    return RunResult(run, results, history, predictions,
+                     {d["name"]: d["head_path"] for d in done}, folders,
+                     any(d["interrupted"] for d in done),
+                     bool(report and not report.extracted), skipped)  # fmt: skip
+
+
+def _run_jobs(ctx: _Context, jobs: list[headjob.HeadJob]) -> list[dict]:
+    previous = ctx.stop.install()
+    done = []
+    try:
+        for job in jobs:
+            done.append(run_job(ctx, job))
+            if done[-1]["interrupted"]:
+                break
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return done
+
+
+def _collect(done: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    results = pd.DataFrame([r for d in done for r in d["rows"]])
+    history = pd.DataFrame([
+        {"arch": d["arch"], "head": d["name"], **h} for d in done for h in d["history"]
+    ])  # fmt: skip
+    frames = [d["predictions"] for d in done if len(d["predictions"])]
+    predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return results, history, predictions
+
+
+def write_run_outputs(ctx: _Context, results, history, predictions, done) -> None:
+    models = ctx.folders["models"]
+    atomic_csv(results, models / "results.csv")
+    atomic_csv(history, models / "history.csv")
+    atomic_csv(predictions, models / "predictions.csv")
+    atomic_json({
+        "run": ctx.run, "command": ctx.command, "classes": ctx.classes, "task": ctx.task,
+        "protocol": ctx.protocol, "group_by": ctx.group_by, "config": ctx.cfg.to_dict(),
+        "data": str(Path(_resolve_data_quiet(ctx.cfg)).resolve()),
+        "compute": ctx.fp.describe(), "versions": ctx.versions,
+    }, models / "config.json")  # fmt: skip
+    histories = {d["name"]: d["history"] for d in done}
+    groups = {d["name"]: d["arch"] for d in done}
     for metric in CURVE_METRICS + ("balanced_accuracy",):
         if histories:
-            plot_comparison(histories, metric, run, folders["graphs"] / f"compare_{metric}.png")
+            path = ctx.folders["graphs"] / f"compare_{metric}.png"
+            plot_comparison(histories, metric, ctx.run, path, groups=groups)
+
+
+def _resolve_data_quiet(cfg: RunConfig) -> str:
+    return cfg.data if cfg.data is not None else str(Path(cfg.out) / "data")
 
 
 SUMMARY_METRICS = ("balanced_accuracy", "image_rate", "patient_rate", "f1", "auc")
 
 
 def summary_table(results: pd.DataFrame) -> str:
-    """Mean (and +/- std over folds, where there are folds) per architecture and split."""
+    """Mean (and +/- std over folds and repeats, where there are several) per architecture
+    and split; the split that picked the epoch reads `val (selected)`."""
     if results.empty:
         return "(no results)"
     return fold_table(results, SUMMARY_METRICS).to_string(index=False)

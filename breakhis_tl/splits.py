@@ -1,7 +1,8 @@
 """Split protocols, each patient-disjoint (except `random`, leaky on purpose) and checked.
 
-A split is data: the index plus a `split` column (train/val/test) and, for `cv` and `folds`,
-a `fold` column. It can be written to CSV, kept, and read back for another run.
+A split is data: the index plus a `split` column (train/val/test) and a `fold` column. In
+every protocol the model is selected on `val` and reported on `test`; only eva's own
+definition (no `--eva-holdout`) has no test side, and its val rows are labelled as selected.
 """
 
 from __future__ import annotations
@@ -9,17 +10,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from breakhis_tl.errors import UserError
 from breakhis_tl.index import BREAKHIS_CLASSES, IDC_CLASSES, SUBTYPES
+from breakhis_tl.leakage import check_no_leakage
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("patient", "cv", "folds", "eva", "random")
 TASKS = ("binary", "subtype")
 SPLITS = ("train", "val", "test")
+GROUP_BY = ("slide", "accession")
 
 # kaiko-ai eva's BreakHis protocol: 40X, four classes, these slide ids for validation.
 EVA_CLASSES = ("TA", "MC", "F", "DC")
@@ -32,6 +36,8 @@ RANDOM_WARNING = (
     "The random protocol splits images, not patients: images of one patient land on both "
     "sides, so its scores overstate what a model does on a new patient."
 )
+
+__all__ = ["check_no_leakage"]
 
 
 def target_column(task: str) -> str:
@@ -52,24 +58,16 @@ def class_names(task: str, dataset: str, protocol: str = "patient") -> list[str]
     return list(SUBTYPES)
 
 
-def check_no_leakage(df: pd.DataFrame, column: str = "split", warn_only: bool = False) -> None:
-    """Raise (or warn) if any patient has images in two groups of `column`.
-
-    The one check every protocol goes through: a patient seen in training makes a test score
-    a measure of memory, not of generalisation.
-    """
-    groups = df.groupby("patient")[column].nunique()
-    shared = sorted(groups[groups > 1].index)
-    if not shared:
-        return
-    msg = (
-        f"{len(shared)} patient(s) have images on more than one side of the {column!r} split "
-        f"({', '.join(shared[:8])}{' ...' if len(shared) > 8 else ''})."
-    )
-    if warn_only:
-        log.warning("%s", msg)
-    else:
-        raise UserError(msg)
+def apply_group_by(index: pd.DataFrame, group_by: str = "slide") -> pd.DataFrame:
+    """The patient key: the slide id (what the dataset paper counts as 82 patients, and what
+    eva uses), or its accession number (its digits), which joins slides such as 22549AB,
+    22549CD and 22549G that may come from one patient."""
+    if group_by not in GROUP_BY:
+        raise UserError(f"Unknown --group-by {group_by!r}; choose one of: {', '.join(GROUP_BY)}.")
+    slide = index["slide"] if "slide" in index else index["patient"]
+    if group_by == "accession":
+        return index.assign(patient=slide.astype(str).str.extract(r"^(\d+)", expand=False))
+    return index.assign(patient=slide.astype(str))
 
 
 def _patient_strata(df: pd.DataFrame, target: str) -> pd.Series:
@@ -87,6 +85,20 @@ def _need_patients(strata: pd.Series, need: int, what: str, classes) -> None:
         )
 
 
+def pick_patients(strata: pd.Series, frac: float, seed: int, keep: int = 1) -> list:
+    """A stratified, seeded share `frac` of the patients: at least one of every class that
+    has more than `keep` patients, and never the last `keep` of a class (they stay in the
+    pool). scikit-learn's stratified splitter rounds small classes (3 PT patients) to zero."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for cls in sorted(strata.unique()):
+        members = sorted(strata.index[strata == cls])
+        n = min(len(members) - keep, max(1, round(frac * len(members))))
+        if n > 0:
+            picked += list(rng.choice(members, size=n, replace=False))
+    return picked
+
+
 def patient_split(
     df: pd.DataFrame, target: str, seed: int, val_frac: float = 0.15, test_frac: float = 0.15
 ) -> pd.DataFrame:
@@ -100,23 +112,39 @@ def patient_split(
         )
     strata = _patient_strata(df, target)
     _need_patients(strata, 3, "a train/val/test split by patient", df[target])
-    n, k = len(strata), strata.nunique()
-    n_test = max(k, round(test_frac * n))
-    rest, test = train_test_split(
-        strata.index, test_size=n_test, stratify=strata.values, random_state=seed
-    )
-    rest_strata = strata.loc[rest]
-    n_val = max(k, round(val_frac * n))
-    if len(rest) - n_val < k:
-        raise UserError(
-            f"Cannot stratify a train/val/test split by patient: {n} patients leave fewer than "
-            f"{k} for training after val and test."
-        )
-    train, val = train_test_split(
-        rest_strata.index, test_size=n_val, stratify=rest_strata.values, random_state=seed
-    )
-    side = {**{p: "train" for p in train}, **{p: "val" for p in val}, **{p: "test" for p in test}}
+    test = pick_patients(strata, test_frac, seed, keep=2)
+    rest = strata.drop(test)
+    val = pick_patients(rest, val_frac / (1 - test_frac), seed + 1, keep=1)
+    side = {p: "train" for p in strata.index}
+    side.update({p: "test" for p in test})
+    side.update({p: "val" for p in val})
     return df.assign(split=df["patient"].map(side))
+
+
+def carve_val(
+    df: pd.DataFrame, target: str, seed: int, val_frac: float, grouped: bool = True
+) -> pd.DataFrame:
+    """Move a stratified share of the train side to `val`: by patient, or by image."""
+    train = df[df["split"] == "train"]
+    out = df.copy()
+    if grouped:
+        strata = _patient_strata(train, target)
+        _need_patients(strata, 2, "a validation set out of the training patients", train[target])
+        val = pick_patients(strata, val_frac, seed, keep=1)
+        out.loc[out["patient"].isin(val) & (out["split"] == "train"), "split"] = "val"
+        return out
+    counts = train[target].value_counts()
+    if counts.min() < 2:
+        raise UserError(
+            f"Cannot carve an image-level validation set: class {counts.idxmin()!r} has "
+            f"{counts.min()} training image(s)."
+        )
+    n_val = max(len(counts), round(val_frac * len(train)))
+    _, val = train_test_split(
+        train.index, test_size=n_val, stratify=train[target], random_state=seed
+    )
+    out.loc[val, "split"] = "val"
+    return out
 
 
 def cv_folds(df: pd.DataFrame, target: str, n_folds: int, seed: int, grouped: bool) -> pd.Series:
@@ -143,12 +171,17 @@ def cv_folds(df: pd.DataFrame, target: str, n_folds: int, seed: int, grouped: bo
     return fold
 
 
-def select_fold(df: pd.DataFrame, fold: int) -> pd.DataFrame:
-    """Fold `fold` is validation, the others train (for a split with a `fold` column)."""
-    n = int(df["fold"].max())
-    if not 1 <= fold <= n:
-        raise UserError(f"Fold {fold} is out of range; this split has folds 1 to {n}.")
-    return df.assign(split=df["fold"].map(lambda f: "val" if f == fold else "train"))
+def cv_split(
+    df: pd.DataFrame, target: str, n_folds: int, fold: int, seed: int, val_frac: float,
+    grouped: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """Fold `fold` held out as test; validation carved out of the other folds, so the
+    reported fold never picks the epoch (nested selection)."""
+    if not 1 <= fold <= n_folds:
+        raise UserError(f"Fold {fold} is out of range; this split has folds 1 to {n_folds}.")
+    folds = cv_folds(df, target, n_folds, seed, grouped)
+    out = df.assign(split=np.where(folds == fold, "test", "train"), fold=fold)
+    return carve_val(out, target, seed, val_frac, grouped)
 
 
 def read_folds_csv(path: str | Path) -> pd.DataFrame:
@@ -215,31 +248,35 @@ def official_fold_split(
     out = df.assign(split=grp, fold=fold).dropna(subset=["split"]).reset_index(drop=True)
     if out.empty:
         raise UserError(f"No indexed image appears in fold {fold} of the folds file.")
-    train = out[out["split"] == "train"]
-    strata = _patient_strata(train, target)
-    _need_patients(
-        strata, 2, f"a validation set out of the train patients of fold {fold}", train[target]
-    )
-    n_val = max(strata.nunique(), round(val_frac * len(strata)))
-    _, val = train_test_split(
-        strata.index, test_size=n_val, stratify=strata.values, random_state=seed
-    )
-    out.loc[out["patient"].isin(val) & (out["split"] == "train"), "split"] = "val"
+    out = carve_val(out, target, seed, val_frac)
     # The official folds share a few slide ids between train and test: warn, do not fail.
     check_no_leakage(out, warn_only=True)
     return out
 
 
-def eva_split(df: pd.DataFrame) -> pd.DataFrame:
-    """eva's protocol: 40X, TA/MC/F/DC, a fixed list of validation patients, no test set."""
+def eva_split(df: pd.DataFrame, target: str, seed: int, val_frac: float, holdout: bool):
+    """eva's protocol: 40X, TA/MC/F/DC, a fixed list of validation slides.
+
+    eva selects the checkpoint on those slides and reports them too. With `holdout` they
+    become an untouched test set and validation patients are carved from eva's train side.
+    """
     if "magnification" not in df:
         raise UserError("The eva protocol is defined on BreakHis only.")
     out = df[(df["magnification"] == 40) & df["subtype"].isin(EVA_CLASSES)].reset_index(drop=True)
     if out.empty:
         raise UserError("No 40X images of classes TA, MC, F or DC: the eva protocol has nothing.")
-    return out.assign(
-        split=out["patient"].map(lambda p: "val" if p in EVA_VAL_PATIENTS else "train")
-    )
+    is_val = out["slide"].isin(EVA_VAL_PATIENTS)
+    if not is_val.any():
+        raise UserError(
+            "None of eva's 14 validation slides (18842D, 19979, ...) is in this data, so the "
+            "eva protocol has no validation set; use --protocol patient or the full BreakHis."
+        )
+    if is_val.all():
+        raise UserError("Every image here is on one of eva's validation slides: nothing to train.")
+    out = out.assign(split=np.where(is_val, "test" if holdout else "val", "train"))
+    if holdout:
+        out = carve_val(out, target, seed, val_frac)
+    return out.assign(fold=pd.NA)
 
 
 def random_split(
@@ -279,10 +316,11 @@ def make_split(
     val_frac: float = 0.15,
     test_frac: float = 0.15,
     folds_csv: str | Path | None = None,
+    eva_holdout: bool = False,
 ) -> pd.DataFrame:
-    """The index with a `split` column (and `fold` where there are folds), leakage-checked.
+    """The index with `split` (train/val/test) and `fold` columns, leakage-checked.
 
-    `n_folds` with `patient` or `random` gives cross-validation (patient-level folds or
+    `n_folds` with `patient` or `random` gives cross-validation (patient-level or
     image-level folds); `cv` is the patient protocol with 5 folds unless told otherwise.
     """
     if protocol not in PROTOCOLS:
@@ -290,38 +328,47 @@ def make_split(
     target = target_column(task)
     if task == "subtype" and "subtype" not in index:
         raise UserError("The subtype task needs BreakHis; IDC patches have only two classes.")
+    if "slide" not in index:
+        index = index.assign(slide=index["patient"])
     if protocol == "eva":
         if task != "subtype":
             raise UserError("The eva protocol is the four-class subtype task; use --task subtype.")
-        out = eva_split(index)
+        out = eva_split(index, target, seed, val_frac, eva_holdout)
+        # eva's slide list is what it is; grouped by accession it shares patients: say so.
+        check_no_leakage(out, warn_only=True)
+        return out
     elif protocol == "folds":
         path = folds_csv or find_folds_csv(index)
         if path is None:
             raise UserError(
                 "No Folds.csv found beside the BreaKHis_v1 folder; give its path with --folds-csv."
             )
-        out = official_fold_split(index, target, read_folds_csv(path), fold, seed, val_frac)
-        return out
+        return official_fold_split(index, target, read_folds_csv(path), fold, seed, val_frac)
     elif protocol == "cv" or n_folds:
         grouped = protocol != "random"
         if not grouped:
             log.warning("%s", RANDOM_WARNING)
-        out = index.assign(fold=cv_folds(index, target, n_folds or 5, seed, grouped))
-        out = select_fold(out, fold)
+        out = cv_split(index, target, n_folds or 5, fold, seed, val_frac, grouped)
         if not grouped:
             return out
-        check_no_leakage(out, column="fold")
     elif protocol == "random":
-        return random_split(index, target, seed, val_frac, test_frac)
+        return random_split(index, target, seed, val_frac, test_frac).assign(fold=pd.NA)
     else:
-        out = patient_split(index, target, seed, val_frac, test_frac)
+        out = patient_split(index, target, seed, val_frac, test_frac).assign(fold=pd.NA)
     check_no_leakage(out)
     return out
 
 
 def check_classes(df: pd.DataFrame, task: str, classes: list[str]) -> None:
-    """Every class must be in train; a class absent from val or test only makes metrics NaN."""
+    """Every class must be in train; one absent from val or test is named in a warning,
+    since its metrics there are undefined."""
     target = target_column(task)
+    unknown = sorted(set(df[target].dropna()) - set(classes))
+    if unknown:
+        raise UserError(
+            f"The split holds class(es) {', '.join(map(str, unknown))} outside the {task} task's "
+            f"classes ({', '.join(classes)}); choose the task the split was made for."
+        )
     present = set(df.loc[df["split"] == "train", target])
     missing = [c for c in classes if c not in present]
     if missing:
@@ -329,6 +376,15 @@ def check_classes(df: pd.DataFrame, task: str, classes: list[str]) -> None:
             f"Class(es) {', '.join(missing)} have no training image in this split; choose a "
             "task, magnification or protocol that keeps every class in training."
         )
+    for side in ("val", "test"):
+        rows = df[df["split"] == side]
+        absent = [c for c in classes if c not in set(rows[target])]
+        if len(rows) and absent:
+            log.warning(
+                "Class(es) %s have no %s image: too few patients to place one there.",
+                ", ".join(absent),
+                side,
+            )
 
 
 def split_summary(df: pd.DataFrame, task: str) -> str:
@@ -349,31 +405,3 @@ def split_summary(df: pd.DataFrame, task: str) -> str:
         patients.to_string(),
     ]
     return "\n".join(lines)
-
-
-SPLIT_COLUMNS = ["relpath", "split", "fold"]
-
-
-def write_split(df: pd.DataFrame, path: str | Path) -> None:
-    cols = [c for c in SPLIT_COLUMNS if c in df]
-    out = df[cols].rename(columns={"relpath": "path"})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    out.to_csv(path, index=False)
-
-
-def read_split(path: str | Path, index: pd.DataFrame) -> pd.DataFrame:
-    """Apply a split written by `write_split` to an index, matching rows by relative path."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Split file {path} does not exist.")
-    split = pd.read_csv(path)
-    if not {"path", "split"} <= set(split.columns):
-        raise UserError(f"Split file {path} needs the columns path and split.")
-    merged = index.drop(columns=["split", "fold"], errors="ignore").merge(
-        split.rename(columns={"path": "relpath"}), on="relpath", how="inner"
-    )
-    if len(merged) < len(split):
-        log.warning("%d row(s) of %s match no indexed image.", len(split) - len(merged), path)
-    if merged.empty:
-        raise UserError(f"No row of split file {path} matches an image under the data folder.")
-    return merged

@@ -29,10 +29,13 @@ class TrainConfig:
     hidden: int = 512  # mlp hidden units
     dropout: float = 0.5  # mlp: before the last layer
     epochs: int = 30  # upper bound; early stopping may end sooner
+    max_steps: int | None = None  # optimiser-step budget (eva: 12,500); ends epochs early
     batch_size: int = 256  # feature batches are cheap; a linear probe's usual size
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
     patience: int = 10  # epochs without a better val balanced accuracy before stopping
+    class_weighted: bool = True  # balanced cross-entropy (BreakHis is 69% malignant)
+    select: str = "best"  # best: the epoch with the best val balanced accuracy; last
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -75,23 +78,31 @@ def fit(
     on_epoch: Callable[[int, dict], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     device: torch.device | str = "cpu",
+    seed: int | None = None,
 ) -> FitResult:
     """`train_batches(epoch)` yields (features, labels); `evaluate_val(head)` returns
-    (labels, probabilities, patients) of the validation images."""
-    torch.manual_seed(cfg.seed)
+    (labels, probabilities, patients) of the validation images. `seed`: the head's own
+    seed (default `cfg.seed`), so a head never depends on what else shares the run."""
+    torch.manual_seed(cfg.seed if seed is None else seed)
     head.to(device)
-    weights = class_weights(train_labels, len(classes)).to(device)
+    if cfg.class_weighted:
+        weights = class_weights(train_labels, len(classes)).to(device)
+    else:
+        weights = torch.ones(len(classes), device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     best, best_epoch, best_state, since_best = -math.inf, 0, copy.deepcopy(head.state_dict()), 0
     start = time.perf_counter()
-    interrupted = False
+    interrupted, steps = False, 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         head.train()
         losses, ys, ps = [], [], []
         for x, y in train_batches(epoch):
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                break
+            steps += 1
             x, y = x.to(device).float(), y.to(device)
             logits = head(x)
             loss = loss_fn(logits, y)
@@ -125,7 +136,7 @@ def fit(
         if on_epoch:
             on_epoch(epoch, logs)
         score = _score(val_m)
-        if score > best or epoch == 1:
+        if cfg.select == "last" or score > best or epoch == 1:
             best, best_epoch, since_best = score, epoch, 0
             best_state = copy.deepcopy(head.state_dict())
         else:
@@ -134,7 +145,10 @@ def fit(
             interrupted = True
             log.warning("Interrupted: stopped after epoch %d, keeping the best head so far.", epoch)
             break
-        if since_best >= cfg.patience:
+        if cfg.max_steps is not None and steps >= cfg.max_steps:
+            log.info("Step budget of %d optimiser steps reached at epoch %d.", steps, epoch)
+            break
+        if cfg.select == "best" and since_best >= cfg.patience:
             log.info(
                 "Early stop at epoch %d: no better val balanced accuracy for %d epochs.",
                 epoch,
@@ -156,7 +170,7 @@ def feature_batches(
     """
 
     def batches(epoch: int) -> Batches:
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(y), generator=g)
         for i in range(0, len(order), batch_size):
             j = order[i : i + batch_size]

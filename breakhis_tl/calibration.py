@@ -1,0 +1,95 @@
+"""Batch-norm statistics for random-init backbones: the no-pretraining baseline that works.
+
+A randomly initialised network has batch-norm running statistics of 0 and 1, which match
+nothing it computes: frozen that way, activations vanish or explode layer by layer
+(mobilenet_v2 gave all-zero features after the fp16 cache, inception_v3 mostly inf). The
+fix is the usual one for a random-features baseline: one forward pass in train mode over
+(a seeded sample of) the training images, no gradient, with cumulative averages, then
+freeze again. Only the statistics change; the random weights stay as the seed made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from breakhis_tl.backbones import Backbone
+from breakhis_tl.dataset import ImageDataset, make_loader
+from breakhis_tl.transforms import eval_preset
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 256  # a seeded sample of the training images is plenty for BN means
+
+
+def _norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def has_batchnorm(bb: Backbone) -> bool:
+    return bool(_norm_layers(bb.module))
+
+
+def bn_state(bb: Backbone) -> dict[str, torch.Tensor]:
+    """The running statistics alone: what a random-init head file must carry."""
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in bb.module.state_dict().items()
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+
+
+def bn_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def load_bn_state(bb: Backbone, state: dict[str, torch.Tensor]) -> Backbone:
+    """Put saved statistics back (predict); the identity then names them."""
+    missing = set(bn_state(bb)) - set(state)
+    if missing:
+        raise ValueError(f"batch-norm statistics missing for {sorted(missing)[:3]}")
+    bb.module.load_state_dict(state, strict=False)
+    bb.weights_id = f"{bb.weights_id.split('-bn')[0]}-bn{bn_digest(bn_state(bb))}"
+    return bb
+
+
+@torch.no_grad()
+def calibrate(
+    bb: Backbone, paths: list[str], seed: int, batch_size: int = 32, workers: int | None = 0
+) -> Backbone:
+    """Recompute batch-norm running statistics on a seeded sample of `paths`, then freeze."""
+    layers = _norm_layers(bb.module)
+    if not layers or not paths:
+        return bb
+    rng = np.random.default_rng(seed)
+    take = sorted(rng.choice(len(paths), min(CALIBRATION_IMAGES, len(paths)), replace=False))
+    ds = ImageDataset([paths[i] for i in take], eval_preset(bb.prep))
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all calibration batches
+        m.training = True
+    torch.manual_seed(seed)
+    seen = 0
+    try:
+        for x, _, _, _, _ in make_loader(ds, batch_size=batch_size, workers=workers):
+            if x is not None and len(x) > 1:  # batch-norm in train mode needs two samples
+                bb.module(x.float())
+                seen += len(x)
+    finally:
+        for m in layers:
+            m.training = False
+    if seen == 0:
+        log.warning("No readable image to calibrate %s's batch-norm statistics on.", bb.name)
+    bb.weights_id = f"{bb.weights_id.split('-bn')[0]}-bn{bn_digest(bn_state(bb))}"
+    log.info(
+        "Random-init %s: batch-norm statistics recomputed on %d training images.", bb.name, seen
+    )
+    return bb

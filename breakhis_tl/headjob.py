@@ -1,0 +1,251 @@
+"""One head, stage by stage: its training data, its evaluation, its record, its files.
+
+The runner decides which heads a run trains (architecture x fold x repeat); everything
+about one of them lives here, so each stage can be read and named on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from breakhis_tl import __version__
+from breakhis_tl.backbones import Backbone
+from breakhis_tl.heads import make_head, save_head
+from breakhis_tl.metrics import METRICS, compute_metrics
+from breakhis_tl.plots import plot_confusion, plot_curves
+from breakhis_tl.tblog import log_epoch, log_final, open_writer
+from breakhis_tl.training import (
+    FitResult,
+    end_to_end_batches,
+    end_to_end_features,
+    feature_batches,
+    fit,
+    predict_features,
+)
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ("path", "relpath", "patient", "slide", "magnification", "subtype", "label")
+
+
+def head_seed(seed: int, arch: str, fold, repeat: int) -> int:
+    """A head's own seed, from what identifies it alone: trained alone or beside others,
+    in any order, a head is the same."""
+    text = f"{seed}/{arch}/{fold}/{repeat}"
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % (2**31 - 1)
+
+
+@dataclass
+class HeadJob:
+    """Everything one head needs: which images, which labels, which backbone."""
+
+    backbone: Backbone
+    fold: int | None
+    repeat: int
+    split: pd.DataFrame  # this fold's images, with `split`
+    rows: np.ndarray  # the split's rows in the run's image list
+    y: np.ndarray  # class index per split row
+    twins: int = 0  # test images whose picture is also in train (official folds)
+    name: str = ""
+    seed: int = 0
+    extras: dict = field(default_factory=dict)  # backbone state a head file must carry
+
+
+@dataclass
+class TrainingData:
+    batches: Callable  # epoch -> minibatches
+    labels: np.ndarray  # training labels (with views), for class weights
+    eval_feats: Callable[[str], tuple[torch.Tensor, np.ndarray]]  # side -> (x, split rows)
+    skipped: list[str]
+
+
+def training_data(ctx, job: HeadJob) -> TrainingData:
+    """Cached features (with the cached views of training images), or end to end."""
+    cfg, t = ctx.cfg, ctx.cfg.train
+    side = job.split["split"].to_numpy()
+    paths = job.split["path"].tolist()
+    if cfg.no_cache:
+        tr = np.flatnonzero(side == "train")
+        bb, fp, workers = job.backbone, ctx.fp, cfg.workers
+        batches = end_to_end_batches(
+            bb, [paths[i] for i in tr], job.y[tr], t.batch_size, job.seed, ctx.device, fp, workers
+        )
+
+        def eval_feats(s):
+            idx = np.flatnonzero(side == s)
+            chosen = [paths[i] for i in idx]
+            f, ok = end_to_end_features(bb, chosen, cfg.extract_batch, ctx.device, fp, workers)
+            return f[ok], idx[ok.numpy()]
+
+        return TrainingData(batches, job.y[tr], _memo_val(eval_feats, cached=False), [])
+    f0, ok0 = ctx.feats[(job.backbone.name, job.backbone.weights_id, 0)]
+    f_all, ok = f0[job.rows], ok0[job.rows].numpy()
+    tr = np.flatnonzero((side == "train") & ok)
+    xs, ys = [f_all[tr]], [job.y[tr]]
+    for v in range(1, cfg.views):
+        fv, okv = ctx.feats[(job.backbone.name, job.backbone.weights_id, v)]
+        pos = ctx.view_pos[(job.backbone.name, job.backbone.weights_id)]
+        take = np.array([pos[job.rows[i]] for i in tr], dtype=np.int64)
+        xs.append(fv[take])
+        ys.append(job.y[tr])
+    x_train, y_train = torch.cat(xs), torch.as_tensor(np.concatenate(ys))
+
+    def eval_feats(s):
+        idx = np.flatnonzero((side == s) & ok)
+        return f_all[idx], idx
+
+    skipped = [paths[i] for i in np.flatnonzero(~ok)]
+    batches = feature_batches(x_train, y_train, t.batch_size, job.seed)
+    return TrainingData(batches, y_train.numpy(), _memo_val(eval_feats, cached=True), skipped)
+
+
+def _memo_val(eval_feats, cached: bool):
+    """Validation features are read once per head (every epoch uses them)."""
+    memo = {}
+
+    def get(s):
+        if s != "val" or not cached:
+            return eval_feats(s)
+        if "val" not in memo:
+            memo["val"] = eval_feats("val")
+        return memo["val"]
+
+    return get
+
+
+def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, FitResult]:
+    t = ctx.cfg.train
+    patients = job.split["patient"].to_numpy()
+    torch.manual_seed(job.seed)
+    head = make_head(t.head, job.backbone.feature_dim, len(ctx.classes), t.hidden, t.dropout)
+
+    def evaluate_val(h):
+        x, idx = data.eval_feats("val")
+        probs = predict_features(h, x, ctx.device) if len(idx) else np.zeros((0, len(ctx.classes)))
+        return job.y[idx], probs, patients[idx].tolist()
+
+    writer = ctx.writers[job.name]
+    log.info("Training a %s head: %s (%d classes).", t.head, job.name, len(ctx.classes))
+    result = fit(head, data.batches, evaluate_val, data.labels, ctx.classes, t,
+                 on_epoch=lambda e, logs: log_epoch(writer, e, logs),
+                 should_stop=lambda: ctx.stop.stop, device=ctx.device, seed=job.seed)  # fmt: skip
+    return head, result
+
+
+def evaluate_head(ctx, job: HeadJob, head, data: TrainingData) -> dict:
+    """Metrics and per-image predictions of the selected head on every held-out side."""
+    out = {}
+    patients = job.split["patient"].to_numpy()
+    for s in ("val", "test"):
+        if not (job.split["split"] == s).any():
+            continue
+        x, idx = data.eval_feats(s)
+        n = len(ctx.classes)
+        probs = predict_features(head, x, ctx.device) if len(idx) else np.zeros((0, n))
+        m = compute_metrics(job.y[idx], probs, ctx.classes, patients[idx].tolist())
+        out[s] = (m, job.y[idx], probs, idx)
+    return out
+
+
+def result_rows(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int) -> list[dict]:
+    cfg, t = ctx.cfg, ctx.cfg.train
+    rows = []
+    for s, (m, _, _, _) in evals.items():
+        rows.append({
+            "arch": job.backbone.name, "fold": job.fold, "repeat": job.repeat, "split": s,
+            **{k: m[k] for k in METRICS}, "n_images": m["n_images"],
+            "n_patients": m["n_patients"], "model_selection": s == "val",
+            "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+            "train_seconds": round(result.seconds, 3), "skipped_images": skipped,
+            "test_twins_in_train": job.twins if s == "test" else 0,
+            "weights": job.backbone.weights_id, "head": t.head, "recipe": cfg.recipe,
+            "select": t.select, "task": ctx.task, "protocol": ctx.protocol,
+            "group_by": ctx.group_by, "views": cfg.views, "compute": ctx.fp.describe(),
+            "cached": not cfg.no_cache, "interrupted": result.interrupted,
+        })  # fmt: skip
+    return rows
+
+
+def prediction_frame(ctx, job: HeadJob, evals: dict) -> pd.DataFrame:
+    frames = []
+    for s, (_, y, probs, idx) in evals.items():
+        cols = [c for c in PREDICTION_COLUMNS if c in job.split]
+        frame = job.split.iloc[idx][cols].copy()
+        frame.insert(0, "split", s)
+        frame.insert(0, "repeat", job.repeat)
+        frame.insert(0, "fold", job.fold)
+        frame.insert(0, "arch", job.backbone.name)
+        frame["target"] = [ctx.classes[i] for i in y]
+        frame["prediction"] = [ctx.classes[i] for i in probs.argmax(1)] if len(idx) else []
+        for k, c in enumerate(ctx.classes):
+            frame[f"prob_{c}"] = probs[:, k] if len(idx) else []
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def head_record(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int) -> dict:
+    """The head file's metadata: enough to rebuild its backbone and judge its numbers."""
+    cfg, t, bb = ctx.cfg, ctx.cfg.train, job.backbone
+    return {
+        "arch": bb.name, "weights": bb.weights, "weights_id": bb.weights_id,
+        "feature_dim": bb.feature_dim, "classes": ctx.classes, "prep": bb.prep.to_dict(),
+        "compute": ctx.fp.describe(), "task": ctx.task, "dataset": cfg.dataset,
+        "protocol": ctx.protocol, "group_by": ctx.group_by, "recipe": cfg.recipe,
+        "magnification": cfg.magnification, "fold": job.fold, "repeat": job.repeat,
+        "seed": t.seed, "head_seed": job.seed, "head": t.head, "hidden": t.hidden,
+        "dropout": t.dropout, "train": t.to_dict(), "views": cfg.views,
+        "best_epoch": result.best_epoch, "selected_on": "val" if t.select == "best" else "last",
+        "metrics": {s: dict(evals[s][0]) for s in evals},
+        "val_balanced_accuracy": evals["val"][0].get("balanced_accuracy") if "val" in evals
+        else None,
+        "package_version": __version__, "versions": ctx.versions, "command": ctx.command,
+        "run": ctx.run, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "skipped_images": skipped, "test_twins_in_train": job.twins,
+    }  # fmt: skip
+
+
+def hparams(ctx, job: HeadJob) -> dict:
+    cfg, t = ctx.cfg, ctx.cfg.train
+    return {
+        "arch": job.backbone.name, "weights": job.backbone.weights_id, "head": t.head,
+        "task": ctx.task, "protocol": ctx.protocol, "group_by": ctx.group_by,
+        "recipe": cfg.recipe, "fold": -1 if job.fold is None else job.fold,
+        "repeat": job.repeat, "epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay,
+        "batch_size": t.batch_size, "views": cfg.views, "seed": t.seed,
+        "cached": not cfg.no_cache, "select": t.select,
+    }  # fmt: skip
+
+
+def open_head_writer(ctx, job: HeadJob, skipped: list[str]):
+    tb_dir = ctx.folders["logs"] / job.name
+    return open_writer(tb_dir, {
+        "config": json.dumps(ctx.cfg.to_dict(), indent=1, default=str), "command": ctx.command,
+        "versions": json.dumps(ctx.versions, indent=1),
+        "skipped_images": f"{len(skipped)} skipped\n" + "\n".join(skipped),
+    })  # fmt: skip
+
+
+def write_head_outputs(ctx, job: HeadJob, head, result: FitResult, evals: dict,
+                       meta: dict) -> Path:  # fmt: skip
+    """The head file, its curves and its confusion matrix (test where there is one)."""
+    folders, run = ctx.folders, ctx.run
+    log_final(ctx.writers[job.name], {s: v[:3] for s, v in evals.items()}, ctx.classes,
+              hparams(ctx, job), job.name)  # fmt: skip
+    path = save_head(folders["models"] / f"{job.name}.pt", head, meta, extra=job.extras)
+    plot_curves(result.history, f"{job.name} ({run})", folders["graphs"] / f"{job.name}_curves.png")
+    if evals:
+        shown = "test" if "test" in evals else "val"
+        label = shown if shown == "test" else "val (selected)"
+        plot_confusion(evals[shown][0]["confusion"], ctx.classes, f"{job.name}: {label} ({run})",
+                       folders["graphs"] / f"{job.name}_confusion.png")  # fmt: skip
+    return path

@@ -1,0 +1,170 @@
+"""What an image is, independent of where it lies: a content id and a pixel hash.
+
+The content id (sha1 of the file's bytes) keys the feature cache, so a file changed in place
+is never served stale features, whatever its size and modification time say. The pixel hash
+(sha1 of the decoded RGB pixels) finds the same picture saved twice with different bytes:
+BreakHis slide 13412 has a DC and an LC folder whose images are pixel-identical copies.
+
+Both are computed once per file ever and kept in one SQLite file: content ids by file stat
+(path, size, mtime, ctime, inode; ctime changes on any write, even when mtime is restored),
+pixel hashes by content id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS content (path TEXT, stat TEXT, id TEXT, PRIMARY KEY (path, stat));
+CREATE TABLE IF NOT EXISTS pixels (id TEXT PRIMARY KEY, hash TEXT, size TEXT);
+"""
+
+
+def _stat_key(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def content_id(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def pixel_hash(rgb: np.ndarray) -> str:
+    """Same pixels, same hash, whatever the PNG encoder did with the bytes."""
+    h = hashlib.sha1(str(rgb.shape).encode())
+    h.update(np.ascontiguousarray(rgb).tobytes())
+    return h.hexdigest()
+
+
+class ImageStore:
+    """Content ids and pixel hashes of image files, remembered across runs."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            if self.path is None:
+                self._db = sqlite3.connect(":memory:")
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(str(self.path), timeout=60)
+            self._db.executescript(SCHEMA)
+        return self._db
+
+    def content_ids(self, paths: Sequence[str], progress: bool = False) -> list[str | None]:
+        """Content id per path (None for a missing file); only new or changed files are read."""
+        db = self._conn()
+        out: list[str | None] = []
+        new = []
+        for p in tqdm(paths, desc="content ids", unit="file", disable=not progress, leave=False):
+            try:
+                stat = _stat_key(p)
+            except OSError:
+                out.append(None)
+                continue
+            row = db.execute(
+                "SELECT id FROM content WHERE path = ? AND stat = ?", (p, stat)
+            ).fetchone()
+            if row is None:
+                try:
+                    row = (content_id(p),)
+                except OSError:
+                    out.append(None)
+                    continue
+                new.append((p, stat, row[0]))
+            out.append(row[0])
+        if new:
+            with db:
+                db.executemany("INSERT OR REPLACE INTO content VALUES (?, ?, ?)", new)
+        return out
+
+    def known_pixels(self, ids: Sequence[str | None]) -> dict[str, tuple[str, str]]:
+        """{content id: (pixel hash, "WxH")} of the ids already hashed."""
+        db = self._conn()
+        found = {}
+        wanted = sorted({i for i in ids if i})
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for i, h, size in db.execute(
+                f"SELECT id, hash, size FROM pixels WHERE id IN ({marks})", chunk
+            ):
+                found[i] = (h, size)
+        return found
+
+    def remember_pixels(self, rows: list[tuple[str, str, str]]) -> None:
+        if rows:
+            with self._conn() as db:
+                db.executemany("INSERT OR REPLACE INTO pixels VALUES (?, ?, ?)", rows)
+
+    def pixel_hashes(
+        self, paths: Sequence[str], workers: int | None = None, progress: bool = False
+    ) -> list[str | None]:
+        """Pixel hash per path (None for an unreadable file); decodes only unseen files."""
+        ids = self.content_ids(paths)
+        known = self.known_pixels(ids)
+        todo = [k for k, i in enumerate(ids) if i and i not in known]
+        if todo:
+            computed = _decode_hashes([paths[k] for k in todo], workers, progress)
+            rows = [
+                (ids[k], h, size)
+                for k, (h, size) in zip(todo, computed, strict=True)
+                if h is not None
+            ]
+            self.remember_pixels(rows)
+            known.update({i: (h, s) for i, h, s in rows})
+        return [known[i][0] if i in known else None for i in ids]
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class _HashDataset:
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[str | None, str]:
+        from breakhis_tl.images import ImageError, load_rgb
+
+        try:
+            im = load_rgb(self.paths[i])
+        except ImageError:
+            return None, ""
+        return pixel_hash(np.asarray(im)), f"{im.size[0]}x{im.size[1]}"
+
+
+def _decode_hashes(
+    paths: list[str], workers: int | None, progress: bool
+) -> list[tuple[str | None, str]]:
+    from torch.utils.data import DataLoader
+
+    from breakhis_tl.dataset import default_workers
+
+    workers = default_workers() if workers is None else workers
+    if len(paths) < 64:
+        workers = 0  # not worth starting processes for
+    loader = DataLoader(
+        _HashDataset(paths), batch_size=16, num_workers=workers, collate_fn=lambda b: b
+    )
+    out: list[tuple[str | None, str]] = []
+    for batch in tqdm(loader, desc="pixel hashes", unit="batch", disable=not progress):
+        out.extend(batch)
+    return out

@@ -1,0 +1,74 @@
+"""A run's files: where they go, written atomically, and never mixed with an older run's.
+
+Every file is written to a temporary name and renamed, so a killed run leaves complete
+files or none. A run name already in use is refused unless `--overwrite`, which replaces the
+run's three folders whole: an analysis that globs a run's heads never sees a stale one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from breakhis_tl.errors import UserError
+
+KINDS = {"models": "trained_models", "logs": "summary_writers", "graphs": "validation_graphs"}
+
+
+def run_folders(out: str | Path, run: str) -> dict[str, Path]:
+    return {k: Path(out) / sub / run for k, sub in KINDS.items()}
+
+
+def check_run_name(folders: dict[str, Path], overwrite: bool) -> None:
+    """Up front, before any work: a used name is refused, or marked for replacement."""
+    used = [f for f in folders.values() if f.exists() and any(f.iterdir())]
+    if used and not overwrite:
+        raise UserError(
+            f"Run name {used[0].name!r} is already used ({used[0]}); choose another --run, "
+            "or pass --overwrite to replace that run whole."
+        )
+    for f in folders.values():
+        _check_writable(f)
+
+
+def _check_writable(folder: Path) -> None:
+    """Without creating anything: a failed run must leave no empty folders behind."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"Output folder {folder} cannot be written (permission denied).")
+
+
+def open_run_folders(folders: dict[str, Path], overwrite: bool) -> None:
+    """Called when training starts: replace an older run of that name, then create."""
+    for f in folders.values():
+        if overwrite and f.exists():
+            shutil.rmtree(f)
+        try:
+            f.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"Output folder {f} cannot be written ({exc.strerror}).") from None
+
+
+def atomic_csv(df: pd.DataFrame, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_json(obj: dict, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def default_run_name() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,51 @@
+"""Named head-training recipes: this project's default, and the eva benchmark's.
+
+A recipe fixes how a head is trained on cached features, so a number can be traced to a
+published setting. `default` is what `train` always did. `eva` is kaiko-ai eva's offline
+BreakHis recipe, as its config sets it (kaiko-ai/eva,
+configs/vision/pathology/offline/classification/breakhis.yaml): a linear head
+(torch.nn.Linear), plain torch.nn.CrossEntropyLoss (no class weights), torch.optim.AdamW with
+lr 3e-4 (and torch's default weight decay, 0.01), batch size 256 with shuffling, at most
+12,500 optimiser steps (MAX_STEPS), the best checkpoint by val/MulticlassAccuracy (macro
+accuracy = balanced accuracy; checkpoint_type best), EarlyStopping with patience 500
+validation checks (PATIENCE), and N_RUNS = 5 runs. Its images are ResizeAndCrop to 224 with
+ImageNet mean/std, which is what the ImageNet backbones here use already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+log = logging.getLogger(__name__)
+
+RECIPES = ("default", "eva")
+
+EVA_TRAIN = dict(
+    head="linear",
+    class_weighted=False,
+    lr=3e-4,
+    weight_decay=0.01,  # torch.optim.AdamW's default, which eva leaves as is
+    batch_size=256,
+    max_steps=12_500,
+    epochs=12_500,  # the step budget ends training; one step per epoch at most this many
+    patience=500,
+    select="best",
+)
+EVA_RUNS = 5
+
+
+def apply_recipe(cfg):
+    """The run config with its recipe's settings in place (and repeats resolved)."""
+    if cfg.recipe == "eva":
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **EVA_TRAIN))
+        log.info(
+            "Recipe eva: linear head, plain cross-entropy, AdamW lr 3e-4, batch 256, "
+            "at most 12,500 steps, patience 500, %d runs.",
+            cfg.repeats or EVA_RUNS,
+        )
+        if cfg.repeats is None:
+            cfg = dataclasses.replace(cfg, repeats=EVA_RUNS)
+    if cfg.repeats is None:
+        cfg = dataclasses.replace(cfg, repeats=1)
+    return cfg
