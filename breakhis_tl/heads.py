@@ -110,7 +110,8 @@ def read_head_file(path: str | Path) -> tuple[dict, dict]:
         raise UserError(
             f"Head file {path} was changed after it was saved: its checksum does not match."
         )
-    meta["_extra"] = extra
+    if extra:
+        meta["_extra"] = extra  # backbone tensors the head depends on (see save_head)
     return meta, state
 
 

@@ -11,11 +11,12 @@ from breakhis_tl.errors import UserError
 from breakhis_tl.features import (
     FeatureCache,
     Request,
-    cache_key,
     extract,
     fast_path,
-    images_digest,
+    feature_space,
+    run_backbone,
 )
+from breakhis_tl.identity import ImageStore
 from breakhis_tl.images import load_rgb
 from breakhis_tl.transforms import decode_transform, dihedral, normalize
 
@@ -104,73 +105,104 @@ def test_unknown_architecture():
     assert len(parse_archs("all")) == 7
 
 
-def test_cache_key_changes_with_every_input(lite0, sample_paths, tmp_path):
-    digest = images_digest(sample_paths)
-    base = cache_key(lite0, digest, 0)
-    assert base == cache_key(lite0, images_digest(list(sample_paths)), 0)
+def test_feature_space_changes_with_every_input(lite0):
+    fp = type(fast_path(torch.device("cpu")))(None, True)  # fp32 + channels_last
+    base = feature_space(lite0, 0, fp)
+    assert base == feature_space(dataclasses.replace(lite0), 0, fp)
     other_prep = dataclasses.replace(lite0, prep=dataclasses.replace(lite0.prep, input_size=256))
-    other_weights = dataclasses.replace(lite0, weights_id="none-seed0")
-    other_arch = dataclasses.replace(lite0, name="mobilenet_v2")
     keys = {
         base,
-        cache_key(lite0, digest, 1),
-        cache_key(other_prep, digest, 0),
-        cache_key(other_weights, digest, 0),
-        cache_key(other_arch, digest, 0),
-        cache_key(lite0, images_digest(sample_paths[:-1]), 0),
-        cache_key(lite0, images_digest(sample_paths[::-1]), 0),
+        feature_space(lite0, 1, fp),
+        feature_space(other_prep, 0, fp),
+        feature_space(dataclasses.replace(lite0, weights_id="none-seed0"), 0, fp),
+        feature_space(dataclasses.replace(lite0, name="mobilenet_v2"), 0, fp),
+        feature_space(lite0, 0, type(fp)(torch.bfloat16, True)),  # bf16 features differ
+        feature_space(lite0, 0, fp, stain="macenko"),
     }
     assert len(keys) == 7
-    # a file rewritten in place (new mtime/size) is a different image list
+
+
+def test_content_id_sees_a_change_with_same_size_and_mtime(sample_paths, tmp_path):
+    store = ImageStore(tmp_path / "images.sqlite")
     copy = tmp_path / "a.png"
     shutil.copy(sample_paths[0], copy)
-    before = images_digest([str(copy)])
-    os.utime(copy, ns=(1, 1))
-    assert images_digest([str(copy)]) != before
+    st = os.stat(copy)
+    (before,) = store.content_ids([str(copy)])
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte in the middle: same size
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    assert os.stat(copy).st_size == st.st_size and os.stat(copy).st_mtime_ns == st.st_mtime_ns
+    (after,) = store.content_ids([str(copy)])
+    assert after != before
+
+
+def _cosine_floor(fp) -> float:
+    # like with like: the same mode on both sides; bf16 rounds more than fp32
+    return 0.995 if fp.autocast is not None else 0.9999
 
 
 def test_extract_then_cache_hit(lite0, sample_paths, tmp_path):
-    cache = FeatureCache(tmp_path)
+    cache = FeatureCache(tmp_path / "features")
+    store = ImageStore(tmp_path / "images.sqlite")
     rows = np.arange(len(sample_paths))
-    first, rep1 = extract(
-        sample_paths,
-        [Request(lite0, 0, rows), Request(lite0, 3, rows[:4])],
-        cache,
-        workers=0,
-        progress=False,
-    )
+    reqs = [Request(lite0, 0, rows), Request(lite0, 3, rows[:4])]
+    first, rep1 = extract(sample_paths, reqs, cache, workers=0, progress=False, store=store)
     assert rep1.extracted == ["efficientnet_lite0/view 0", "efficientnet_lite0/view 3"]
     assert rep1.decodes == len(sample_paths)  # view 3 came from the same decode
-    again, rep2 = extract(
-        sample_paths,
-        [Request(lite0, 0, rows), Request(lite0, 3, rows[:4])],
-        cache,
-        workers=0,
-        progress=False,
-    )
+    again, rep2 = extract(sample_paths, reqs, cache, workers=0, progress=False, store=store)
     assert rep2.extracted == [] and rep2.decodes == 0
-    for k in first:
-        assert torch.equal(first[k][0], again[k][0]) and first[k][0].dtype == torch.float16
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a[0], b[0]) and a[0].dtype == torch.float16
     # view 3 is the backbone on the rotated-and-flipped crop of the same decode
+    fp = fast_path(torch.device("cpu"))
     x = decode_transform(lite0.prep)(load_rgb(sample_paths[2]))
-    direct = lite0(normalize(dihedral(x, 3), lite0.prep)[None])[0]
-    cos = torch.nn.functional.cosine_similarity(
-        direct, first[("efficientnet_lite0", 3)][0][2].float(), 0
-    )
-    assert cos > 0.999
+    direct = run_backbone(lite0, normalize(dihedral(x, 3), lite0.prep)[None], fp)[0]
+    cos = torch.nn.functional.cosine_similarity(direct, first[1][0][2].float(), 0)
+    assert cos > _cosine_floor(fp)
+
+
+def test_cache_is_per_image_a_subset_or_reorder_extracts_nothing(lite0, sample_paths, tmp_path):
+    """A changed --magnification, seed or fold picks another subset of the same images."""
+    cache, store = FeatureCache(tmp_path / "f"), ImageStore(tmp_path / "i.sqlite")
+    kw = dict(workers=0, progress=False, store=store)
+    (full,), _ = extract(sample_paths[:8], [Request(lite0, 0, np.arange(8))], cache, **kw)
+    subset = [sample_paths[i] for i in (5, 1, 3)]
+    (part,), rep = extract(subset, [Request(lite0, 0, np.arange(3))], cache, **kw)
+    assert rep.extracted == [] and rep.decodes == 0
+    assert torch.equal(part[0], full[0][[5, 1, 3]])
+    # two new images beside cached ones: only the new ones are decoded
+    more = sample_paths[6:10]
+    (mixed,), rep = extract(more, [Request(lite0, 0, np.arange(4))], cache, **kw)
+    assert rep.decodes == 2 and torch.equal(mixed[0][:2], full[0][6:8])
+
+
+def test_changed_file_is_extracted_again(lite0, sample_paths, tmp_path):
+    cache, store = FeatureCache(tmp_path / "f"), ImageStore(tmp_path / "i.sqlite")
+    img = tmp_path / "x" / "a.png"
+    img.parent.mkdir()
+    shutil.copy(sample_paths[0], img)
+    st = os.stat(img)
+    kw = dict(workers=0, progress=False, store=store)
+    (a,), _ = extract([str(img)], [Request(lite0, 0, np.arange(1))], cache, **kw)
+    load_rgb(sample_paths[1]).resize(load_rgb(sample_paths[0]).size).save(img)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (b,), rep = extract([str(img)], [Request(lite0, 0, np.arange(1))], cache, **kw)
+    assert rep.decodes == 1 and not torch.equal(a[0], b[0])
 
 
 def test_incomplete_cache_entry_is_ignored(lite0, sample_paths, tmp_path):
     cache = FeatureCache(tmp_path)
     rows = np.arange(3)
-    extract(sample_paths, [Request(lite0, 0, rows)], cache, workers=0, progress=False)
+    kw = dict(workers=0, progress=False, store=ImageStore(None))
+    extract(sample_paths, [Request(lite0, 0, rows)], cache, **kw)
     marker = next(tmp_path.rglob("*.json"))
     marker.unlink()  # as if killed between the features file and the marker
-    _, rep = extract(sample_paths, [Request(lite0, 0, rows)], cache, workers=0, progress=False)
+    _, rep = extract(sample_paths, [Request(lite0, 0, rows)], cache, **kw)
     assert rep.extracted == ["efficientnet_lite0/view 0"]
     data = next(tmp_path.rglob("*.safetensors"))
     data.write_bytes(data.read_bytes()[:100])  # damaged features file, marker present
-    _, rep = extract(sample_paths, [Request(lite0, 0, rows)], cache, workers=0, progress=False)
+    _, rep = extract(sample_paths, [Request(lite0, 0, rows)], cache, **kw)
     assert rep.extracted == ["efficientnet_lite0/view 0"]
 
 
@@ -181,7 +213,7 @@ def test_decode_once_per_input_size(lite0, sample_paths):
     reqs = [Request(b, v, rows) for b in (lite0, mob, inc) for v in (0, 1)]
     out, rep = extract(sample_paths, reqs, None, workers=0, progress=False)
     assert rep.decodes == 2 * 5  # 224 px once and 299 px once, whatever the views and backbones
-    assert out[("inception_v3", 1)][0].shape == (5, 2048)
+    assert out[-1][0].shape == (5, 2048)
 
 
 def test_broken_image_skipped_or_strict(lite0, sample_paths, tmp_path, caplog):
@@ -189,7 +221,7 @@ def test_broken_image_skipped_or_strict(lite0, sample_paths, tmp_path, caplog):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     paths = [sample_paths[0], str(bad), sample_paths[1]]
     out, rep = extract(paths, [Request(lite0, 0, np.arange(3))], None, workers=0, progress=False)
-    feats, ok = out[("efficientnet_lite0", 0)]
+    feats, ok = out[0]
     assert ok.tolist() == [True, False, True]
     assert feats[0].abs().sum() > 0 and list(rep.failed) == [1]
     assert "broken.png" in caplog.text and "skipped" in caplog.text

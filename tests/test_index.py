@@ -77,7 +77,7 @@ def test_idc_command(idc_sample, capsys):
 
 
 def test_idc_label_checked_against_folder(tmp_path, caplog):
-    from tests.conftest import png_bytes
+    from conftest import png_bytes
 
     (tmp_path / "1" / "0").mkdir(parents=True)
     (tmp_path / "1" / "1").mkdir(parents=True)

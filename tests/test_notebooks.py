@@ -9,7 +9,7 @@ import papermill as pm
 import pytest
 
 from breakhis_tl.cli import main
-from tests.conftest import REPO
+from conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"
 TRAINING_PARAMS = {

@@ -21,7 +21,7 @@ from breakhis_tl.features import FeatureCache
 from breakhis_tl.heads import load_head
 from breakhis_tl.runner import RunConfig, run_training
 from breakhis_tl.training import TrainConfig
-from tests.conftest import REPO
+from conftest import REPO
 
 
 def _cmd(*args):
