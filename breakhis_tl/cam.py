@@ -16,6 +16,8 @@ from torch import nn
 
 from breakhis_tl.errors import UserError
 from breakhis_tl.images import ImageError, as_rgb
+from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, SUBTYPES
+from breakhis_tl.plots import mag_label, save_figure
 from breakhis_tl.transforms import decode_transform, normalize
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,66 @@ class _Full(nn.Module):
         return self.head(self.backbone(x))
 
 
+def true_class(name: str) -> dict | None:
+    """What the file name says about an image: BreakHis gives the label and subtype code, IDC
+    the class (class0 = non_idc, class1 = idc); None for any other name."""
+    base = Path(name).name
+    m = BREAKHIS_NAME.match(base)
+    if m:
+        code = m["subtype"].upper()
+        label = "benign" if m["bm"].upper() == "B" else "malignant"
+        return {"label": label, "subtype": code, "magnification": int(m["mag"])}
+    m = IDC_NAME.match(base)
+    if m:
+        return {"label": IDC_CLASSES[int(m["cls"])]}
+    return None
+
+
+def caption(name: str, classes: list[str], probs: np.ndarray) -> tuple[str, bool | None]:
+    """`predicted: malignant (p = 0.93) | true: malignant, DC (ductal carcinoma), 40X` and
+    whether the prediction is right (None where the name does not tell)."""
+    k = int(np.argmax(probs))
+    text = f"predicted: {classes[k]} (p = {probs[k]:.2f})"
+    truth = true_class(name)
+    if truth is None:
+        return text + " | true class unknown", None
+    sub = truth.get("subtype")
+    shown = truth["label"] + (
+        f", {sub} ({SUBTYPES.get(sub, '?').replace('_', ' ')})" if sub else ""
+    )
+    if "magnification" in truth:
+        shown += f", {mag_label(truth['magnification'])}"
+    actual = sub if sub in classes else truth["label"]
+    return f"{text} | true: {shown}", (classes[k] == actual if actual in classes else None)
+
+
+def cam_figure(rgb: np.ndarray, heat: np.ndarray, title: str, correct: bool | None):
+    """The model's input crop beside the Grad-CAM overlay, with a colour bar for the heat
+    scale, so the tissue under a hot spot can be seen without the overlay hiding it."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7.6, 4.0), gridspec_kw={"wspace": 0.05})
+    axes[0].imshow(rgb)
+    axes[0].set_title(f"input crop ({rgb.shape[1]} px)", fontsize=9)
+    axes[1].imshow(rgb)
+    shown = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    axes[1].set_title("Grad-CAM of the predicted class", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    bar = fig.colorbar(shown, ax=list(axes), fraction=0.025, pad=0.02)
+    bar.set_label("relevance (0 = none, 1 = highest)", fontsize=8)
+    colour = {True: "darkgreen", False: "firebrick", None: "black"}[correct]
+    fig.suptitle(title, fontsize=9, color=colour)
+    return fig
+
+
 def save_cams(clf, items: list, out_dir: Path) -> list[Path]:
-    """One PNG overlay per readable image (`<name>_cam.png`), of the predicted class."""
+    """One PNG per readable image (`<name>_cam.png`): input crop, Grad-CAM overlay of the
+    predicted class with a colour bar, the predicted class and probability, and the true
+    class where the file name gives it."""
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layer = target_layer(clf.meta["arch"], clf.backbone.module)
     try:
@@ -72,13 +130,15 @@ def save_cams(clf, items: list, out_dir: Path) -> list[Path]:
                 log.warning("No Grad-CAM for it: %s", exc)
                 continue
             x8 = decode(im)
+            # the probabilities `predict` gives (same path and precision), and the CAM of
+            # that class, so the figure never disagrees with predictions.csv
+            probs = clf._probs(x8[None].to(clf.device), False)[0].numpy()
             x = normalize(x8, clf.prep)[None].to(clf.device)
+            target = [ClassifierOutputTarget(int(probs.argmax()))]
             with torch.enable_grad():
-                heat = cam(input_tensor=x, targets=None)[0]  # None: the predicted class
-            rgb = x8.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
-            overlay = show_cam_on_image(rgb, heat, use_rgb=True)
+                heat = cam(input_tensor=x, targets=target)[0]
             name = f"image{i}" if isinstance(item, Image.Image) else Path(item).stem
-            path = out_dir / f"{name}_cam.png"
-            Image.fromarray(overlay).save(path)
-            written.append(path)
+            title, correct = caption(name + ".png", clf.classes, probs)
+            fig = cam_figure(x8.permute(1, 2, 0).numpy(), heat, f"{name}\n{title}", correct)
+            written.append(save_figure(fig, out_dir / f"{name}_cam.png"))
     return written

@@ -6,61 +6,175 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 CURVE_METRICS = ("accuracy", "precision", "recall", "f1")
+SELECTION_METRIC = "balanced_accuracy"  # what early stopping and head selection look at
+# Panels of the curves figure: title, metrics drawn in it, whether the y axis is [0, 1].
+CURVE_PANELS = (
+    ("loss", ("loss",), False),
+    ("balanced accuracy (early stopping)", ("balanced_accuracy",), True),
+    ("accuracy", ("accuracy",), True),
+    ("precision / recall / F1", ("precision", "recall", "f1"), True),
+)
+SIDES = (("train", "--"), ("val", "-"))
 
 
-def _save(fig, path: Path) -> Path:
+def mag_label(m) -> str:
+    """`40`, `"40"` or `"40x"` -> `"40X"`, the way the dataset and papers write it; other
+    values (`"all"`) unchanged."""
+    text = str(m).strip()
+    digits = text[:-1] if text[-1:] in "xX" else text
+    return f"{int(digits)}X" if digits.isdigit() else text
+
+
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def curves_figure(history: list[dict], title: str):
-    """Accuracy, precision, recall and F1 over epochs, train and val."""
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4 * len(CURVE_METRICS), 3.4))
-    epochs = [h["epoch"] for h in history]
-    for ax, m in zip(axes, CURVE_METRICS, strict=True):
-        for side, style in (("train", "--"), ("val", "-")):
-            ax.plot(
-                epochs,
-                [h.get(f"{side}_{m}", np.nan) for h in history],
-                style,
-                marker=".",
-                label=side,
-            )
-        ax.set_title(m.replace("_", " "))
+def _series(history: list[dict], key: str) -> list[float]:
+    out = []
+    for h in history:
+        v = h.get(key)
+        out.append(np.nan if v is None else float(v))
+    return out
+
+
+def _mark_epoch(ax, epoch: int | None, label: bool) -> None:
+    if epoch is not None:
+        text = f"selected (epoch {epoch})" if label else "_nolegend_"
+        ax.axvline(epoch, color="0.3", lw=1.2, ls=":", label=text)
+
+
+def curves_figure(history: list[dict], title: str, best_epoch: int | None = None):
+    """Loss, the early-stopping metric (balanced accuracy), accuracy and precision/recall/F1
+    over epochs, train dashed and val solid, so over- or under-fitting and the reason the
+    kept head was kept (`best_epoch`, dotted line) are visible in one figure."""
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.2 * len(CURVE_PANELS), 3.6))
+    epochs = [int(h["epoch"]) for h in history]
+    for k, (ax, (name, metrics, unit)) in enumerate(zip(axes, CURVE_PANELS, strict=True)):
+        for j, m in enumerate(metrics):
+            colour = None if len(metrics) == 1 else f"C{j + 2}"
+            for i, (side, style) in enumerate(SIDES):
+                label = side if len(metrics) == 1 else f"{side} {m}"
+                ax.plot(
+                    epochs, _series(history, f"{side}_{m}"), style, marker=".",
+                    color=colour or f"C{i}", label=label,
+                )  # fmt: skip
+        _mark_epoch(ax, best_epoch, label=k == 0)
+        ax.set_title(name)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(m)
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(metrics[0].replace("_", " ") if len(metrics) == 1 else "score")
+        if unit:
+            ax.set_ylim(-0.03, 1.05)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        # below the panel: scores sit near 1 and a legend inside would hide them
+        ax.legend(fontsize=8, ncol=3, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.3), frameon=False)  # fmt: skip
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def plot_curves(history: list[dict], title: str, path: Path) -> Path:
-    return _save(curves_figure(history, title), path)
+def plot_curves(history: list[dict], title: str, path: Path, best_epoch: int | None = None) -> Path:
+    return save_figure(curves_figure(history, title, best_epoch=best_epoch), path)
 
 
-def plot_comparison(histories: dict[str, list[dict]], metric: str, run: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, history in histories.items():
-        ax.plot(
-            [h["epoch"] for h in history],
-            [h.get(f"val_{metric}", np.nan) for h in history],
-            marker=".",
-            label=name,
-        )
+def group_histories(
+    histories: dict[str, list], groups: dict[str, str] | None = None
+) -> dict[str, list[list[dict]]]:
+    """Architecture -> the histories of its heads (folds, repeats). Accepts head name ->
+    history with `groups` (head name -> architecture; a head not in it is its own group),
+    or architecture -> list of histories as it is."""
+    out: dict[str, list[list[dict]]] = {}
+    for name, h in histories.items():
+        many = bool(h) and isinstance(h[0], list)
+        key = name if groups is None else groups.get(name, name)
+        out.setdefault(key, []).extend(h if many else [h])
+    return out
+
+
+def epoch_band(runs: list[list[dict]], key: str) -> tuple[np.ndarray, ...]:
+    """Epochs, mean, std and count of the heads that reached each epoch. Heads stop at
+    different epochs (early stopping): each epoch averages the heads still training."""
+    table: dict[int, list[float]] = {}
+    for history in runs:
+        for h in history:
+            v = h.get(key)
+            if v is not None and not np.isnan(float(v)):
+                table.setdefault(int(h["epoch"]), []).append(float(v))
+    epochs = np.array(sorted(table), dtype=int)
+    vals = [np.array(table[e]) for e in epochs]
+    mean = np.array([v.mean() for v in vals])
+    std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
+    return epochs, mean, std, np.array([len(v) for v in vals])
+
+
+def _band_line(ax, arch: str, runs: list[list[dict]], key: str, colour: str) -> None:
+    epochs, mean, std, count = epoch_band(runs, key)
+    if not len(epochs):
+        return
+    n = len(runs)
+    if n == 1:
+        ax.plot(epochs, mean, marker=".", color=colour, label=arch)
+        return
+    full = count == n
+    ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+    ax.plot(epochs[full], mean[full], marker=".", color=colour, label=f"{arch} (mean ± std, n={n})")
+    if not full.all():  # fewer heads from here on: dotted, so the drop in n is visible
+        start = max(int(np.argmin(full)) - 1, 0)
+        ax.plot(epochs[start:], mean[start:], ":", marker=".", ms=3, color=colour)
+
+
+def comparison_figure(
+    histories: dict[str, list], metric: str, run: str, groups: dict[str, str] | None = None
+):
+    """Validation `metric` per architecture; with folds or repeats, the mean over them with a
+    ± std band, so one lucky fold does not pass for an architecture's curve."""
+    grouped = group_histories(histories, groups)
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for k, (arch, runs) in enumerate(grouped.items()):
+        _band_line(ax, arch, runs, f"val_{metric}", f"C{k % 10}")
     ax.set_title(f"Validation {metric.replace('_', ' ')} by architecture ({run})")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"val {metric}")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel(f"val {metric.replace('_', ' ')}")
+    if metric != "loss":
+        ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    _band_legend(ax, grouped)
+    fig.tight_layout()
+    return fig
+
+
+def _band_legend(ax, grouped: dict[str, list]) -> None:
+    """Say what the band and the dotted tail mean in the legend itself, where it is read."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles, labels = ax.get_legend_handles_labels()
+    if any(len(r) > 1 for r in grouped.values()):
+        handles.append(Patch(color="0.6", alpha=0.4))
+        labels.append("band: ± 1 std over folds/repeats")
+        ends = {len(h) for runs in grouped.values() for h in runs}
+        if len(ends) > 1:
+            handles.append(Line2D([], [], ls=":", color="0.3"))
+            labels.append("dotted: mean of the heads still training\n(the others stopped early)")
+    ax.legend(handles, labels, fontsize=8)
+
+
+def plot_comparison(
+    histories: dict[str, list],
+    metric: str,
+    run: str,
+    path: Path,
+    groups: dict[str, str] | None = None,
+) -> Path:
+    return save_figure(comparison_figure(histories, metric, run, groups), path)
 
 
 def confusion_figure(matrix, classes: list[str], title: str):
@@ -77,7 +191,7 @@ def confusion_figure(matrix, classes: list[str], title: str):
 
 
 def plot_confusion(matrix, classes: list[str], title: str, path: Path) -> Path:
-    return _save(confusion_figure(matrix, classes, title), path)
+    return save_figure(confusion_figure(matrix, classes, title), path)
 
 
 def sample_grid(index, magnifications=(40, 100, 200, 400), size: int = 160):
@@ -106,16 +220,17 @@ def sample_grid(index, magnifications=(40, 100, 200, 400), size: int = 160):
                 except ImageError:
                     pass
             if r == 0:
-                ax.set_title(f"{mag}X")
+                ax.set_title(mag_label(mag))
             if c == 0:
-                ax.set_ylabel(f"{sub}\n{SUBTYPES[sub]}", fontsize=8)
+                ax.set_ylabel(f"{sub}\n{SUBTYPES[sub].replace('_', ' ')}", fontsize=8)
     fig.suptitle("One image per subtype and magnification")
     fig.tight_layout()
     return fig
 
 
 def roc_figure(predictions, classes: list[str], split: str = "test"):
-    """ROC curves per architecture (binary: positive = second class; else one-vs-rest macro)."""
+    """ROC curves per architecture. Binary: the positive class is the second one (malignant,
+    idc), named on the axes; more classes: each class against the rest."""
     from sklearn.metrics import RocCurveDisplay
 
     p = predictions
@@ -126,31 +241,52 @@ def roc_figure(predictions, classes: list[str], split: str = "test"):
     for arch, g in p.groupby("arch", sort=False):
         if g["target"].nunique() < 2:
             continue
-        if len(classes) == 2:
+        shown = (
+            [classes[1]] if len(classes) == 2 else [c for c in classes if (g["target"] == c).any()]
+        )
+        for c in shown:
             RocCurveDisplay.from_predictions(
-                g["target"] == classes[1], g[f"prob_{classes[1]}"], name=arch, ax=ax
+                g["target"] == c,
+                g[f"prob_{c}"],
+                name=arch if len(classes) == 2 else f"{arch}: {c}",
+                ax=ax,
             )
-        else:
-            for c in classes:
-                if (g["target"] == c).any():
-                    RocCurveDisplay.from_predictions(
-                        g["target"] == c, g[f"prob_{c}"], name=f"{arch}: {c}", ax=ax
-                    )
     ax.plot([0, 1], [0, 1], ":", color="grey")
+    what = f"positive class: {classes[1]}" if len(classes) == 2 else "each class vs the rest"
+    ax.set_xlabel(f"False positive rate ({what})")
+    ax.set_ylabel(f"True positive rate ({what})")
     ax.set_title(f"ROC ({split})")
     return fig
 
 
+def _wrap(title: str, width: int) -> str:
+    """Break a long title (on spaces and hyphens; an overlong word is cut) so that titles of
+    neighbouring images in a grid do not overlap."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width, break_on_hyphens=True)) or title
+
+
 def image_grid(paths, titles=None, cols: int = 4):
-    """Images (say, Grad-CAM overlays) side by side with their titles."""
+    """Images (say, Grad-CAM figures) side by side; long titles wrap onto several lines
+    instead of running into the next image's title."""
     from PIL import Image
 
     n = len(paths)
+    cols = max(1, min(cols, n))
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    aspect = 1.0
+    if n:
+        with Image.open(paths[0]) as first:
+            aspect = min(max(first.width / first.height, 1.0), 3.0)
+    width = 3.2 * aspect  # inches per cell: wide images (Grad-CAM figures) get wider cells
+    titles = [_wrap(t, int(9 * width)) if t else "" for t in (titles or [""] * n)]
+    lines = max([t.count("\n") + 1 for t in titles] + [1])
+    height = 3.0 + 0.16 * lines
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, path, title in zip(axes.flat, paths, titles or [None] * n, strict=False):
+    for ax, path, title in zip(axes.flat, paths, titles, strict=False):
         ax.imshow(Image.open(path))
         if title:
             ax.set_title(title, fontsize=8)

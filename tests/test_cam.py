@@ -1,0 +1,84 @@
+"""Grad-CAM figures: input crop, overlay, colour bar, predicted and true class."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from breakhis_tl import cam  # noqa: E402
+from breakhis_tl.predict import Classifier  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("name", "truth"),
+    [
+        (
+            "SOB_M_DC-14-2523-40-010.png",
+            {"label": "malignant", "subtype": "DC", "magnification": 40},
+        ),
+        (
+            "SOB_B_TA-14-3411F-400-007.png",
+            {"label": "benign", "subtype": "TA", "magnification": 400},
+        ),
+        ("10253_idx5_x1001_y1351_class0.png", {"label": "non_idc"}),
+        ("10253_idx5_x501_y351_class1.png", {"label": "idc"}),
+        ("photo.png", None),
+    ],
+)
+def test_true_class_from_the_file_name(name, truth):
+    assert cam.true_class(name) == truth
+
+
+def test_caption_says_predicted_probability_and_truth():
+    probs = np.array([0.2, 0.8])
+    text, ok = cam.caption("SOB_B_A-14-22549AB-100-001.png", ["benign", "malignant"], probs)
+    assert text == "predicted: malignant (p = 0.80) | true: benign, A (adenosis), 100X"
+    assert ok is False
+    subtypes = ["A", "F", "PT", "TA", "DC", "LC", "MC", "PC"]
+    probs = np.eye(8)[4] * 0.9 + 0.0125
+    text, ok = cam.caption("SOB_M_DC-14-2523-40-010.png", subtypes, probs)
+    assert text.startswith("predicted: DC (p = 0.91)") and "(ductal carcinoma), 40X" in text and ok
+    text, ok = cam.caption("x1_class1.png", ["non_idc", "idc"], np.array([0.3, 0.7]))
+    assert text.endswith("true class unknown") and ok is None
+    text, ok = cam.caption("9_idx5_x1_y2_class1.png", ["non_idc", "idc"], np.array([0.3, 0.7]))
+    assert text.endswith("true: idc") and ok is True
+
+
+@pytest.fixture(scope="module")
+def clf(sample_run):
+    return Classifier.from_head(sample_run[1].heads["efficientnet_lite0"], device="cpu")
+
+
+def test_save_cams_figure(clf, breakhis_sample, tmp_path, monkeypatch):
+    paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))
+    paths = [next(p for p in paths if "SOB_B_" in p), next(p for p in paths if "SOB_M_" in p)]
+    seen = []
+    real = cam.save_figure
+
+    def spy(fig, path):
+        fig.canvas.draw()
+        seen.append((fig._suptitle.get_text(), [ax.get_label() for ax in fig.axes], fig))
+        return real(fig, path)
+
+    monkeypatch.setattr(cam, "save_figure", spy)
+    written = cam.save_cams(clf, paths, tmp_path)
+    expected = clf.predict(paths, workers=0, progress=False)
+    assert [p.name for p in written] == [f"{p.rsplit('/', 1)[1][:-4]}_cam.png" for p in paths]
+    for (title, labels, fig), row, path in zip(seen, expected.itertuples(), paths, strict=True):
+        prob = getattr(row, f"prob_{row.prediction}")
+        assert f"predicted: {row.prediction} (p = {prob:.2f})" in title
+        truth = cam.true_class(path)
+        assert f"true: {truth['label']}, {truth['subtype']}" in title
+        assert labels.count("<colorbar>") == 1 and len(fig.axes) == 3
+        bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
+        assert "relevance" in bar.get_ylabel()
+        crop, overlay = fig.axes[0].get_images(), fig.axes[1].get_images()
+        assert len(crop) == 1 and len(overlay) == 2  # the crop alone; the crop under the heat
+        assert crop[0].get_array().shape[:2] == (224, 224)
+    with Image.open(written[0]) as im:
+        assert im.width > 1.6 * im.height  # crop and overlay side by side
