@@ -162,11 +162,14 @@ def _missing_weights(name: str, filename: str, folder: Path) -> str:
 
 
 def check_arch(name: str) -> None:
-    if name.startswith("timm:"):
+    from breakhis_tl.foundation import PRESETS
+
+    if name.startswith("timm:") or name in PRESETS:
         return
     if name not in REGISTRY:
         raise UserError(
-            f"Unknown architecture {name!r}; choose from {', '.join(REGISTRY)} or timm:<name>."
+            f"Unknown architecture {name!r}; choose from {', '.join(REGISTRY)}, the pathology "
+            f"foundation models {', '.join(PRESETS)}, or timm:<name>."
         )
 
 
@@ -254,37 +257,16 @@ def _load_state_dict(path: Path) -> dict:
     return sd
 
 
-def _build_timm(model_name: str, weights: str, seed: int) -> tuple[nn.Module, int, Preprocessing]:
-    try:
-        import timm
-    except ImportError:
-        raise UserError("timm:<name> backbones need timm; pip install timm.") from None
-    torch.manual_seed(seed)
-    try:
-        model = timm.create_model(model_name, pretrained=weights == "default", num_classes=0)
-    except RuntimeError as exc:
-        raise UserError(f"timm could not create {model_name!r} ({exc}).") from None
-    if weights not in ("default", "none"):
-        model.load_state_dict(_load_state_dict(Path(weights)), strict=False)
-    cfg = timm.data.resolve_data_config({}, model=model)
-    size = int(cfg["input_size"][-1])
-    prep = Preprocessing(
-        input_size=size,
-        resize_size=size,
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
-    )
-    return model, int(model.num_features), prep
-
-
 def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbone:
     """`weights`: `default` (ImageNet), `none` (random init from `seed`) or a file path."""
     check_arch(name)
-    wid = weights_id(weights, seed)
-    if name.startswith("timm:"):
-        module, dim, prep = _build_timm(name[5:], weights, seed)
+    from breakhis_tl import foundation
+
+    if name.startswith("timm:") or foundation.is_foundation(name):
+        build = foundation.build_timm if name.startswith("timm:") else foundation.build
+        module, dim, prep, wid = build(name.removeprefix("timm:"), weights, seed)
         return Backbone(name, weights, wid, dim, prep, _freeze(module))
+    wid = weights_id(weights, seed)
     spec = REGISTRY[name]
     torch.manual_seed(seed)  # a random init is part of the experiment: make it repeatable
     try:

@@ -240,9 +240,11 @@ def write_head_outputs(ctx, job: HeadJob, head, result: FitResult, evals: dict,
     """The head file, its curves and its confusion matrix (test where there is one)."""
     folders, run = ctx.folders, ctx.run
     log_final(ctx.writers[job.name], {s: v[:3] for s, v in evals.items()}, ctx.classes,
-              hparams(ctx, job), job.name)  # fmt: skip
+              hparams(ctx, job), job.name, best_epoch=result.best_epoch,
+              hparam_domains=ctx.hparam_domains)  # fmt: skip
     path = save_head(folders["models"] / f"{job.name}.pt", head, meta, extra=job.extras)
-    plot_curves(result.history, f"{job.name} ({run})", folders["graphs"] / f"{job.name}_curves.png")
+    plot_curves(result.history, f"{job.name} ({run})", folders["graphs"] / f"{job.name}_curves.png",
+                best_epoch=result.best_epoch)  # fmt: skip
     if evals:
         shown = "test" if "test" in evals else "val"
         label = shown if shown == "test" else "val (selected)"

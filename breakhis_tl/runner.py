@@ -224,8 +224,8 @@ class Data:
     twins: dict  # fold -> test images with a twin in train
 
 
-def prepare_data(cfg: RunConfig, task: str, classes: list[str], store: ImageStore) -> Data:
-    """Index, folds, class checks and the leakage check by picture (pixel hashes)."""
+def prepare_data(cfg: RunConfig, task: str, classes: list[str]) -> Data:
+    """Index, folds and class checks (no image is opened yet)."""
     index = build_index(_resolve_data(cfg, Path(cfg.out)), cfg.dataset)
     index = filter_magnification(index, parse_magnification(cfg.magnification))
     plan = plan_folds(index, split_options(cfg, task))
@@ -233,20 +233,26 @@ def prepare_data(cfg: RunConfig, task: str, classes: list[str], store: ImageStor
         pd.concat([f for _, f in plan.folds]).drop_duplicates("relpath")
         .drop(columns=["split", "fold"], errors="ignore").reset_index(drop=True)
     )  # fmt: skip
-    images["pixel"] = store.pixel_hashes(images["path"].tolist(), cfg.workers, cfg.progress)
-    pixel = dict(zip(images["relpath"], images["pixel"], strict=True))
-    target = target_column(task)
-    twins = {}
-    for k, split in plan.folds:
+    for _, split in plan.folds:
         check_classes(split, task, classes)
-        found = check_twins(split.assign(pixel=split["relpath"].map(pixel)), target, plan.protocol)
-        twins[k] = found.test_with_train_twin
     if (plan.protocol == "eva" and not cfg.eva_holdout) or any(
         not (s["split"] == "val").any() for _, s in plan.folds
     ):
         _check_selection(cfg, plan)
-    y = images[target].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    return Data(plan, images, y, twins)
+    y = images[target_column(task)].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return Data(plan, images, y, {})
+
+
+def check_pictures(cfg: RunConfig, data: Data, task: str, store: ImageStore) -> None:
+    """The leakage check by picture: pixel hashes, computed once per image ever."""
+    images = data.images
+    images["pixel"] = store.pixel_hashes(images["path"].tolist(), cfg.workers, cfg.progress)
+    pixel = dict(zip(images["relpath"], images["pixel"], strict=True))
+    for k, split in data.plan.folds:
+        found = check_twins(
+            split.assign(pixel=split["relpath"].map(pixel)), target_column(task), data.plan.protocol
+        )
+        data.twins[k] = found.test_with_train_twin
 
 
 def _check_selection(cfg: RunConfig, plan: Plan) -> None:
@@ -328,6 +334,7 @@ class _Context:
     stop: StopFlag
     versions: dict
     writers: dict = field(default_factory=dict)
+    hparam_domains: dict = field(default_factory=dict)  # TensorBoard reads one head's domains
 
 
 def head_jobs(cfg: RunConfig, data: Data, backbones) -> list[headjob.HeadJob]:
@@ -387,8 +394,9 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "data" / "cache"
     store = ImageStore(cache_root / "images.sqlite")
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
-    data = prepare_data(cfg, task, classes, store)
-    backbones = build_backbones(cfg, data)
+    data = prepare_data(cfg, task, classes)
+    backbones = build_backbones(cfg, data)  # a missing weights file stops the run here
+    check_pictures(cfg, data, task, store)
     fp = fast_path(device)
     feats, view_pos, report = {}, {}, None
     if cfg.no_cache:
@@ -401,7 +409,12 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     write_split(data.plan, folders["models"] / "split.csv")
     ctx = _Context(cfg, run, task, classes, data.plan.protocol, data.plan.group_by, command,
                    device, fp, folders, feats, view_pos, StopFlag(), versions())  # fmt: skip
-    done = _run_jobs(ctx, head_jobs(cfg, data, backbones))
+    jobs = head_jobs(cfg, data, backbones)
+    ctx.hparam_domains = {
+        "arch": sorted({j.backbone.name for j in jobs}),
+        "fold": sorted({-1 if j.fold is None else int(j.fold) for j in jobs}),
+    }
+    done = _run_jobs(ctx, jobs)
     results, history, predictions = _collect(done)
     write_run_outputs(ctx, results, history, predictions, done)
     skipped = sorted({p for d in done for p in d["skipped"]})
@@ -448,7 +461,7 @@ def write_run_outputs(ctx: _Context, results, history, predictions, done) -> Non
     }, models / "config.json")  # fmt: skip
     histories = {d["name"]: d["history"] for d in done}
     groups = {d["name"]: d["arch"] for d in done}
-    for metric in CURVE_METRICS + ("balanced_accuracy",):
+    for metric in CURVE_METRICS + ("balanced_accuracy", "loss"):
         if histories:
             path = ctx.folders["graphs"] / f"compare_{metric}.png"
             plot_comparison(histories, metric, ctx.run, path, groups=groups)

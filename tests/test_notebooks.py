@@ -7,9 +7,9 @@ import nbformat
 import pandas as pd
 import papermill as pm
 import pytest
+from conftest import REPO
 
 from breakhis_tl.cli import main
-from conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"
 TRAINING_PARAMS = {

@@ -88,8 +88,8 @@ def test_tta_and_gradcam(clf, breakhis_sample, tmp_path):
     assert not np.allclose(_probs(tta), _probs(plain))
     written = clf.gradcam(breakhis_sample, tmp_path / "cam")
     assert len(written) == 14 and len(list((tmp_path / "cam").glob("*_cam.png"))) == 14
-    im = Image.open(written[0])
-    assert im.size == (224, 224) and im.mode == "RGB"
+    im = Image.open(written[0]).convert("RGB")
+    assert im.width > 1.6 * im.height  # the crop beside its overlay, with a colour bar
     # the heat map is not flat: it points somewhere
     assert np.asarray(im).std() > 10
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from breakhis_tl.errors import UserError
@@ -21,7 +23,6 @@ from breakhis_tl.features import FeatureCache
 from breakhis_tl.heads import load_head
 from breakhis_tl.runner import RunConfig, run_training
 from breakhis_tl.training import TrainConfig
-from conftest import REPO
 
 
 def _cmd(*args):
@@ -81,6 +82,16 @@ def test_strict_stops_at_the_broken_image(sample_with_bad_image, tmp_path):
         run_training(cfg)
 
 
+def test_strict_stops_even_when_the_cache_is_warm(sample_with_bad_image, tmp_path):
+    """The cache remembers which images failed, so --strict is not defeated by a warm cache."""
+    kw = dict(data=str(sample_with_bad_image), archs=["efficientnet_lite0"], out=str(tmp_path),
+              workers=0, progress=False, train=TrainConfig(epochs=2))  # fmt: skip
+    run_training(RunConfig(run="warm", **kw))
+    with pytest.raises(UserError, match="-099.png is empty .*--strict"):
+        run_training(RunConfig(run="strict", strict=True, **kw))
+    assert not (tmp_path / "trained_models/strict").exists()
+
+
 def test_small_images_upscaled_with_one_warning(idc_sample, caplog):
     import numpy as np
 
@@ -90,7 +101,7 @@ def test_small_images_upscaled_with_one_warning(idc_sample, caplog):
     paths = sorted(str(p) for p in idc_sample.rglob("*.png"))[:5]
     bb = build_backbone("efficientnet_lite0")
     out, rep = extract(paths, [Request(bb, 0, np.arange(5))], None, workers=0, progress=False)
-    assert rep.upscaled == 5 and out[("efficientnet_lite0", 0)][1].all()
+    assert rep.upscaled == 5 and out[0][1].all()
     assert "5 image(s) are smaller than a backbone's input size and were upscaled" in caplog.text
 
 
@@ -174,13 +185,17 @@ def _check_outputs(out: Path) -> tuple[int, int]:
     complete = 0
     for data in (out / "data/cache/features").rglob("*.safetensors"):
         marker = data.with_suffix(".json")
+        space = data.parent.name
         if marker.is_file():
-            rows = json.loads(marker.read_text())["rows"]
-            loaded = cache.load(data.stem, rows)
-            assert loaded is not None and loaded[0].shape[0] == rows
+            meta = json.loads(marker.read_text())
+            dim = load_file(str(data))["features"].shape[1]
+            hit = cache.lookup(space, meta["ids"], dim)
+            assert hit.found.all() and len(meta["ids"]) == meta["rows"]
             complete += 1
-        else:
-            assert cache.load(data.stem, 0) is None
+        else:  # features written, marker not yet: the chunk does not count
+            others = [json.loads(m.read_text())["ids"] for m in data.parent.glob("*.json")]
+            assert all(m.with_suffix(".safetensors") != data for m in data.parent.glob("*.json"))
+            assert others is not None
     return len(heads), complete
 
 
@@ -204,6 +219,7 @@ def test_sigkill_at_random_moments_leaves_nothing_half_written(breakhis_sample, 
         "kill",
         "--workers",
         "0",
+        "--overwrite",  # each attempt replaces the killed one's run folders whole
     )
     for moment in sorted(rng.uniform(2, 14) for _ in range(4)):
         proc = subprocess.Popen(

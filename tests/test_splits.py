@@ -5,8 +5,8 @@ import pytest
 
 from breakhis_tl.cli import main
 from breakhis_tl.errors import UserError
-from breakhis_tl.index import index_breakhis, index_idc
 from breakhis_tl.folds import SplitOptions, plan_folds, write_split
+from breakhis_tl.index import index_breakhis, index_idc
 from breakhis_tl.splits import (
     EVA_VAL_PATIENTS,
     check_no_leakage,
@@ -171,16 +171,29 @@ def test_split_round_trip(full_index, tmp_path):
     back = plan_folds(full_index, SplitOptions(split_file=str(tmp_path / "split.csv")))
     assert back.protocol == "cv" and [k for k, _ in back.folds] == [1, 2, 3, 4, 5]
     for (_, a), (_, b) in zip(plan.folds, back.folds, strict=True):
-        assert a.set_index("relpath")["split"].sort_index().equals(
-            b.set_index("relpath")["split"].sort_index()
+        assert (
+            a.set_index("relpath")["split"]
+            .sort_index()
+            .equals(b.set_index("relpath")["split"].sort_index())
         )
 
 
 def test_split_command(breakhis_sample, tmp_path, capsys):
     out = tmp_path / "s.csv"
     assert (
-        main(["split", "--data", str(breakhis_sample), "--protocol", "patient", "--out", str(out),
-              "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+        main(
+            [
+                "split",
+                "--data",
+                str(breakhis_sample),
+                "--protocol",
+                "patient",
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )  # fmt: skip
         == 0
     )
     text = capsys.readouterr().out

@@ -3,6 +3,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from breakhis_tl.cli import main
@@ -17,6 +18,7 @@ def test_run_writes_heads_results_logs_and_graphs(sample_run):
     models, logs, graphs = res.folders["models"], res.folders["logs"], res.folders["graphs"]
     results = pd.read_csv(models / "results.csv")
     assert results["split"].tolist() == ["val", "test"]
+    assert results["model_selection"].tolist() == [True, False]
     assert {"balanced_accuracy", "patient_rate", "image_rate", "auc", "n_patients"} <= set(results)
     assert (
         results["n_images"].sum() + (pd.read_csv(models / "split.csv")["split"] == "train").sum()
@@ -24,7 +26,9 @@ def test_run_writes_heads_results_logs_and_graphs(sample_run):
     )
     head, meta = load_head(models / "efficientnet_lite0.pt")
     assert meta["classes"] == ["benign", "malignant"] and meta["feature_dim"] == 1280
-    assert meta["arch"] == "efficientnet_lite0" and meta["weights_id"] == "default"
+    assert meta["arch"] == "efficientnet_lite0"
+    assert meta["weights_id"].startswith("lite0-imagenet-")  # the weights file's own hash
+    assert meta["compute"] == results["compute"].iloc[0] and meta["group_by"] == "slide"
     assert meta["task"] == "binary" and meta["protocol"] == "patient" and meta["seed"] == 0
     assert meta["prep"]["input_size"] == 224 and meta["package_version"]
     assert meta["metrics"]["val"]["balanced_accuracy"] == pytest.approx(
@@ -45,8 +49,8 @@ def test_run_writes_heads_results_logs_and_graphs(sample_run):
         assert (graphs / name).stat().st_size > 5000
     acc = EventAccumulator(str(logs / "efficientnet_lite0")).Reload()
     tags = acc.Tags()
-    assert {"val/balanced_accuracy", "val/f1", "train/accuracy"} <= set(tags["scalars"])
-    assert len(acc.Scalars("val/balanced_accuracy")) == len(history)
+    assert {"balanced_accuracy/val", "f1/val", "accuracy/train", "loss/val"} <= set(tags["scalars"])
+    assert len(acc.Scalars("balanced_accuracy/val")) == len(history)
     assert any(t.startswith("confusion/") for t in tags["images"])
     assert "config/text_summary" in tags["tensors"] or tags["tensors"]
 
@@ -109,7 +113,8 @@ def test_random_init_resnet50_trains(breakhis_sample, tmp_path, capsys):
     assert code == 0
     assert "resnet50" in capsys.readouterr().out
     meta = load_head(tmp_path / "trained_models/r/resnet50.pt")[1]
-    assert meta["weights_id"] == "none-seed0"
+    # random weights from the seed, batch-norm statistics from the training images
+    assert meta["weights_id"].startswith("none-seed0-bn") and meta["_extra"]
     assert len(pd.read_csv(tmp_path / "trained_models/r/results.csv")) == 2
 
 
@@ -130,11 +135,26 @@ def test_idc_pretrained_beats_random_init(idc_sample, tmp_path):
             train=TrainConfig(epochs=30),
         )
         res = run_training(cfg)
-        val = res.results[res.results["split"] == "val"]
-        assert sorted(val["fold"]) == [1, 2, 3, 4, 5]
-        scores[weights] = val["balanced_accuracy"].mean()
+        test = res.results[res.results["split"] == "test"]
+        assert sorted(test["fold"]) == [1, 2, 3, 4, 5]
+        scores[weights] = test["balanced_accuracy"].mean()
+        feats = _cached_features(tmp_path)
+        assert torch.isfinite(feats).all() and (feats.std(0) > 0).float().mean() > 0.5
+    # measured (AMD EPYC, 2026-11-27): pretrained 0.88, BN-calibrated random init 0.78; the
+    # random features of a working baseline already see colour, so the gap is modest
     assert scores["default"] > 0.8
-    assert scores["default"] - scores["none"] > 0.2
+    assert scores["default"] - scores["none"] > 0.05
+
+
+def _cached_features(out) -> torch.Tensor:
+    """The features of the newest cache chunk: a baseline is compared only if it works."""
+    from safetensors.torch import load_file
+
+    newest = max(
+        (out / "data/cache/features").rglob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns
+    )
+    t = load_file(str(newest))
+    return t["features"][t["ok"].bool()].float()
 
 
 def test_end_to_end_mode(breakhis_sample, tmp_path):
@@ -150,7 +170,7 @@ def test_end_to_end_mode(breakhis_sample, tmp_path):
     )
     res = run_training(cfg)
     assert res.results["cached"].eq(False).all() and len(res.results) == 2
-    assert not (tmp_path / "data" / "cache").exists()
+    assert not (tmp_path / "data" / "cache" / "features").exists()
 
 
 def _train(args, tmp_path, data):
@@ -244,12 +264,13 @@ def test_cv_with_views_uses_each_folds_own_images(idc_sample, tmp_path):
         train=TrainConfig(epochs=15),
     )
     res = run_training(cfg)
-    val = res.results[res.results["split"] == "val"]
-    assert sorted(val["fold"]) == [1, 2, 3]
-    assert val["balanced_accuracy"].mean() > 0.8
+    test = res.results[res.results["split"] == "test"]
+    assert sorted(test["fold"]) == [1, 2, 3]
+    assert test["balanced_accuracy"].mean() > 0.8
     history = res.history
     # every fold trained on its own train images x 3 views (the online train metrics count them)
     split = pd.read_csv(tmp_path / "trained_models/cvviews/split.csv")
     for k in (1, 2, 3):
-        n_train = int((split["fold"] != k).sum())
-        assert history.loc[history["fold"] == k, "train_n_images"].iloc[0] == 3 * n_train
+        n_train = int(((split["fold"] == k) & (split["split"] == "train")).sum())
+        rows = history["head"] == f"efficientnet_lite0_fold{k}"
+        assert history.loc[rows, "train_n_images"].iloc[0] == 3 * n_train
