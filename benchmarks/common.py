@@ -25,19 +25,33 @@ BENIGN, MALIGNANT = ["A", "F", "PT", "TA"], ["DC", "LC", "MC", "PC"]
 MAGS = [40, 100, 200, 400]
 
 
+# The CPU flags that decide which kernels exist (fp32 AVX2/AVX-512, bf16, AMX).
+KERNEL_FLAGS = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"]
+
+
 def machine(device: str = "cpu") -> dict:
+    """The CPU (model and the flags that matter), cores, torch and the device: every number
+    printed is only meaningful with these beside it."""
     import torch
 
-    cpu = platform.processor() or ""
+    cpu, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and not cpu:
+                cpu = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
     except OSError:
         pass
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
     info = {
-        "cpu": cpu,
+        "cpu": cpu or platform.processor() or platform.machine(),
+        "cpu_flags": " ".join(f for f in KERNEL_FLAGS if f in flags),
+        "cpu_bf16_kernels": bf16,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "device": device,

@@ -1,99 +1,154 @@
-"""Extraction throughput per architecture: plain fp32 NCHW against the project's fast path.
+"""Extraction throughput per architecture: every candidate compute mode against the fast path.
 
-The fast path is bf16 autocast + channels_last on CPUs with bf16 kernels, fp32 +
-channels_last on CPUs without them, autocast + channels_last on CUDA. Images are decoded
-once up front, so only the backbone pass is timed; features are compared by cosine.
+The fast path is what `breakhis_tl.fastpath.choose` picks on this machine (measured on one
+batch, cached under the work folder). Every (architecture, mode) pair runs over the same
+decoded images, all pairs interleaved in rotating order and repeated, so the load drift of a
+shared machine falls on all alike; throughput is the median with min and max, and ratios are
+taken from medians. Features are compared with fp32 NCHW by cosine. "unfolded" is the fast
+path without folding (and without the TorchScript/compiled graph). `warmup_s` is this run's
+prepare + first pass (a mode `choose` already built is not built again; its setup time is in
+the dispatch file). `--compile` adds torch.compile modes (30-90 s to compile each).
 
-    python benchmarks/extraction_throughput.py --archs resnet50,densenet121,mobilenet_v2 --images 64
+    python benchmarks/extraction_throughput.py --images 64 --repeats 5
+    python benchmarks/extraction_throughput.py --archs vgg16,inception_v3,efficientnet_b0
 """
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import time
 
 import torch
 from common import emit, machine, make_tree, parser, table, workdir
 
+from breakhis_tl import fastpath as F
 from breakhis_tl.backbones import build_backbone
-from breakhis_tl.features import FastPath, fast_path, pick_device, prepare, run_backbone
+from breakhis_tl.features import pick_device
 from breakhis_tl.images import load_rgb
 from breakhis_tl.transforms import decode_transform, normalize
 
+DEFAULT_ARCHS = "resnet50,densenet121,mobilenet_v2,efficientnet_lite0"
 
-def throughput(bb, x, path, batch):
-    """Images per second over `x` (one warm-up batch first) and the features."""
-    run_backbone(bb, x[:batch], path)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
+
+def modes(bb, device, x, args) -> tuple[dict[str, F.FastPath], F.FastPath, float]:
+    """Every candidate, the chosen fast path, and its unfolded twin; choose's own time."""
     t0 = time.perf_counter()
-    feats = [run_backbone(bb, x[i : i + batch], path) for i in range(0, len(x), batch)]
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(x) / (time.perf_counter() - t0), torch.cat(feats).float().cpu()
+    fast = F.choose(bb, device, args.precision, args.cache, batch=x[: args.choose_batch],
+                    compile=args.compile)  # fmt: skip
+    choose_s = time.perf_counter() - t0
+    paths = {p.describe(): p for p in F.candidates(device, args.compile)}
+    unfolded = dataclasses.replace(fast, folded=False, jit=False)
+    paths.setdefault(fast.describe(), fast)
+    paths.setdefault(unfolded.describe(), unfolded)
+    return paths, fast, choose_s
+
+
+def runner(bb, x, path, batch):
+    prepared = F.prepare(bb, x.device, path)
+    return lambda: [F.run_backbone(prepared, x[i : i + batch], path)
+                    for i in range(0, len(x), batch)]  # fmt: skip
+
+
+def load(arch, paths, device):
+    bb = build_backbone(arch, "default" if arch == "efficientnet_lite0" else "none")
+    decode = decode_transform(bb.prep)
+    x = torch.stack([normalize(decode(load_rgb(q)), bb.prep) for q in paths]).to(device)
+    return bb, x
+
+
+def setup(archs, paths, device, args) -> tuple[dict, dict]:
+    """Per (arch, mode): a function over all images, its setup seconds, its cosine to fp32."""
+    fns, info = {}, {}
+    for arch in archs:
+        bb, x = load(arch, paths, device)
+        all_paths, fast, choose_s = modes(bb, device, x, args)
+        ref = torch.cat(runner(bb, x, F.PLAIN, args.batch)())
+        unfolded = dataclasses.replace(fast, folded=False, jit=False)
+        for name, path in all_paths.items():
+            t0 = time.perf_counter()
+            fn = runner(bb, x, path, args.batch)
+            feats = torch.cat(fn())  # warm-up: first-call optimisation belongs to setup
+            cos = torch.nn.functional.cosine_similarity(ref, feats, dim=1)
+            fns[(arch, name)] = fn
+            info[(arch, name)] = {
+                "arch": arch, "mode": name, "warmup_s": round(time.perf_counter() - t0, 3),
+                "cosine_min": float(cos.min()), "fast_path": path == fast,
+                "unfolded_fast_path": path == unfolded, "choose_s": round(choose_s, 2),
+                "images": len(x),
+            }  # fmt: skip
+    return fns, info
+
+
+def summarise(arch, rows) -> dict:
+    """Ratios from medians: fast path against the best candidate, fp32 NCHW and unfolded."""
+    mine = [r for r in rows if r["arch"] == arch]
+    fast = next(r for r in mine if r["fast_path"])
+    fp32 = next(r for r in mine if r["mode"] == "fp32")
+    unfolded = next(r for r in mine if r["unfolded_fast_path"])
+    best = max(mine, key=lambda r: r["images_per_s"] if r["cosine_min"] >= F.MIN_COSINE else 0)
+    return {
+        "benchmark": "extraction_throughput", "summary": True, "arch": arch,
+        "fast_path": fast["mode"], "fp32_images_per_s": fp32["images_per_s"],
+        "fast_images_per_s": fast["images_per_s"],
+        "fast_range": f"[{fast['min_images_per_s']:.2f}, {fast['max_images_per_s']:.2f}]",
+        "unfolded_images_per_s": unfolded["images_per_s"], "best_mode": best["mode"],
+        "best_images_per_s": best["images_per_s"],
+        "speedup": round(fast["images_per_s"] / fp32["images_per_s"], 3),
+        "vs_best": round(fast["images_per_s"] / best["images_per_s"], 3),
+        "vs_unfolded": round(fast["images_per_s"] / unfolded["images_per_s"], 3),
+        "cosine_min": fast["cosine_min"], "choose_s": fast["choose_s"],
+    }  # fmt: skip
+
+
+def row(host: dict, info: dict, secs: list[float]) -> dict:
+    n = info["images"]
+    return {"benchmark": "extraction_throughput", **host, **info,
+            "images_per_s": round(n / statistics.median(secs), 2),
+            "min_images_per_s": round(n / max(secs), 2),
+            "max_images_per_s": round(n / min(secs), 2), "repeats": len(secs)}  # fmt: skip
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--archs", default="resnet50,densenet121,mobilenet_v2")
+    p.add_argument("--archs", default=DEFAULT_ARCHS)
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument(
-        "--bf16",
-        action="store_true",
-        help="also time bf16 autocast + channels_last, even where the fast path skips it",
-    )
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median of these)")
+    p.add_argument("--precision", default="auto", choices=F.PRECISIONS)
+    p.add_argument("--choose-batch", type=int, default=8, help="images choose() times on")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile modes")
     args = p.parse_args()
     device = pick_device(args.device)
-    root = make_tree(workdir(args.workdir, "images"), max(args.images, 8))
+    work = workdir(args.workdir, "images")
+    args.cache = work / "dispatch"  # a second run reuses the decisions (delete to re-measure)
+    root = make_tree(work, max(args.images, 8))
     paths = sorted(root.rglob("*.png"))[: args.images]
-    rows = []
-    for arch in args.archs.split(","):
-        bb = build_backbone(arch, "none" if arch != "efficientnet_lite0" else "default")
-        decode = decode_transform(bb.prep)
-        x = torch.stack([normalize(decode(load_rgb(q)), bb.prep) for q in paths]).to(device)
-        plain, fast = fast_path(device, optimised=False), fast_path(device)
-        prepare(bb, device, plain)
-        ips_plain, f_plain = throughput(bb, x, plain, args.batch)
-        prepare(bb, device, fast)
-        ips_fast, f_fast = throughput(bb, x, fast, args.batch)
-        cos = torch.nn.functional.cosine_similarity(f_plain, f_fast, dim=1)
-        extra = {}
-        if args.bf16:
-            bf16 = FastPath(torch.bfloat16, True)
-            ips_bf16, f_bf16 = throughput(bb, x, bf16, args.batch)
-            extra = {
-                "bf16_images_per_s": round(ips_bf16, 2),
-                "bf16_cosine_min": float(
-                    torch.nn.functional.cosine_similarity(f_plain, f_bf16, dim=1).min()
-                ),
-            }
-        record = {
-            "benchmark": "extraction_throughput",
-            **machine(str(device)),
-            "arch": arch,
-            "images": len(paths),
-            "fast_path": fast.describe(),
-            "fp32_images_per_s": round(ips_plain, 2),
-            "fast_images_per_s": round(ips_fast, 2),
-            "speedup": round(ips_fast / ips_plain, 3),
-            "cosine_min": float(cos.min()),
-            "cosine_mean": float(cos.mean()),
-            **extra,
-        }
-        emit(record)
-        rows.append(record)
-    table(
-        rows,
-        [
-            "arch",
-            "fast_path",
-            "fp32_images_per_s",
-            "fast_images_per_s",
-            "speedup",
-            "cosine_min",
-            *(["bf16_images_per_s"] if args.bf16 else []),
-        ],
-    )
+    archs = [a for a in args.archs.split(",") if a]
+    fns, info = setup(archs, paths, device, args)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    times = F.time_interleaved(fns, args.repeats, sync)
+    host = machine(str(device))
+    rows = [row(host, info[key], secs) for key, secs in times.items()]
+    summaries = [{**host, **summarise(a, rows)} for a in archs]
+    for r in summaries + rows:  # summaries first: one line per architecture to read
+        emit(r)
+    table(rows, ["arch", "mode", "images_per_s", "min_images_per_s", "max_images_per_s",
+                 "warmup_s", "cosine_min", "fast_path"])  # fmt: skip
+    print()
+    table(summaries, ["arch", "fast_path", "fp32_images_per_s", "fast_images_per_s",
+                      "fast_range", "unfolded_images_per_s", "best_images_per_s", "speedup",
+                      "vs_best", "vs_unfolded", "cosine_min"])  # fmt: skip
+    cross(summaries)
+
+
+def cross(summaries: list[dict]) -> None:
+    """efficientnet_lite0's fast path against mobilenet_v2's, measured in the same rounds."""
+    by = {s["arch"]: s for s in summaries}
+    if "efficientnet_lite0" in by and "mobilenet_v2" in by:
+        lite0, mobile = by["efficientnet_lite0"], by["mobilenet_v2"]
+        ratio = lite0["fast_images_per_s"] / mobile["fast_images_per_s"]
+        emit({"benchmark": "extraction_throughput", "lite0_vs_mobilenet_v2": round(ratio, 3)})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 CASES = {
@@ -17,8 +16,8 @@ CASES = {
         {"seconds", "epochs", "val_balanced_accuracy"},
     ),
     "extraction_throughput.py": (
-        ["--archs", "mobilenet_v2", "--images", "4", "--batch", "2"],
-        {"fp32_images_per_s", "fast_images_per_s", "speedup", "cosine_min"},
+        "--archs mobilenet_v2 --images 4 --batch 2 --repeats 1 --choose-batch 2".split(),
+        {"fp32_images_per_s", "fast_images_per_s", "speedup", "vs_best", "vs_unfolded"},
     ),
     "decode_once.py": (
         ["--archs", "mobilenet_v2,efficientnet_lite0", "--images", "4"],

@@ -1,0 +1,472 @@
+"""How a batch goes through a frozen backbone, chosen by measurement and cached per machine.
+
+A frozen backbone never changes, so what only serves training is folded away once: batch
+norm into the preceding convolution, efficientnet_lite0's static "same" padding into the
+convolution's own padding. Which compute mode is fastest (fp32 or bf16, NCHW or
+channels_last, eager or a frozen TorchScript graph) depends on the CPU or GPU, the torch
+version and the backbone; guessing was wrong before (bf16 is 5x slower on an AVX2-only
+EPYC and 2-4x faster where AVX512-BF16 exists), so `choose` times the candidates on one
+warm batch, interleaved and repeated, checks each against fp32, and caches the decision.
+
+The folded module is a copy: `Backbone.module` stays as built, for Grad-CAM (cam.py) and
+for anything that changes batch-norm statistics (calibration) before extraction.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from breakhis_tl.backbones import Backbone
+
+log = logging.getLogger(__name__)
+
+DISPATCH_FILE = "dispatch.json"  # under the cache folder the caller passes (data/cache)
+MIN_COSINE = 0.995  # a candidate's features against fp32 NCHW on the same batch, per image
+REALISTIC_IMAGES = 8000  # BreakHis has 7,909: a setup cost is spread over this many images
+_DTYPES = {"fp32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """How a batch goes through a backbone. `autocast`: the lower-precision dtype or None
+    (fp32); `cast`: apply that dtype by casting weights and input once instead of autocast
+    (no per-call weight casts); `folded`: run `fold_frozen`'s copy; `jit`: a frozen,
+    oneDNN-optimised TorchScript trace of it (conv + activation fusion); `compiled`:
+    torch.compile (inductor, weights frozen, any batch size) of it."""
+
+    autocast: torch.dtype | None = None
+    channels_last: bool = False
+    folded: bool = False
+    cast: bool = False
+    jit: bool = False
+    compiled: bool = False
+
+    def describe(self) -> str:
+        """Stable text for the feature-cache key and head metadata (features differ by
+        mode); the two fields of the old FastPath keep their old text."""
+        dtype = str(self.autocast).replace("torch.", "") if self.autocast else "fp32"
+        parts = [dtype + (" weights" if self.cast and self.autocast else "")]
+        parts += [n for n, on in [("channels_last", self.channels_last),
+                                  ("folded", self.folded), ("jit", self.jit),
+                                  ("compiled", self.compiled)] if on]  # fmt: skip
+        return " + ".join(parts)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.autocast).replace("torch.", "") if self.autocast else "fp32"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "autocast": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FastPath:
+        return cls(**{**d, "autocast": _DTYPES[d["autocast"]]})
+
+
+PLAIN = FastPath()  # fp32 NCHW, unfolded: the reference every candidate is checked against
+
+
+def cpu_supports_bf16() -> bool:
+    """oneDNN's own test for bf16 kernels (AVX512-BF16 or AMX); without them bf16 autocast
+    is emulated and several times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and flags (/proc/cpuinfo; the platform's name elsewhere)."""
+    name, flags = "", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and not name:
+                name = value
+            elif key in ("flags", "Features") and not flags:
+                flags = sorted(value.split())
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine(), flags
+
+
+def machine_id(device: torch.device) -> str:
+    """What a timing depends on besides the backbone: CPU model + a hash of its flags (two
+    CPUs sold under one name differ in AVX512/AMX), the torch version, and the GPU."""
+    name, flags = cpu_info()
+    digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    gpu = ""
+    if device.type == "cuda":
+        gpu = f" | {torch.cuda.get_device_name(device)}"
+    return f"{name} flags:{digest} | torch {torch.__version__} | {device.type}{gpu}"
+
+
+def fast_path(device: torch.device, optimised: bool = True) -> FastPath:
+    """The unmeasured default (no backbone at hand): folded + channels_last, with bf16
+    (fp16 on old GPUs) autocast where the hardware has kernels for it. `choose` measures."""
+    if not optimised:
+        return PLAIN
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return FastPath(dtype, True, folded=True)
+    if device.type == "cpu":
+        return FastPath(torch.bfloat16 if cpu_supports_bf16() else None, True, folded=True)
+    return FastPath(folded=True)
+
+
+def candidates(device: torch.device, compile: bool = False) -> list[FastPath]:
+    """The modes worth timing here; bf16 only where kernels exist (emulated bf16 is never
+    the fastest and takes minutes to time on a big backbone). `compile` adds torch.compile
+    modes: 2x on lite0 here, but 30-90 s to compile each, so timing them is opt-in."""
+    fp32 = [PLAIN, FastPath(None, True), FastPath(None, True, folded=True)]
+    if device.type == "mps":
+        return [PLAIN, FastPath(folded=True)]
+    low = None
+    if device.type == "cuda":
+        low = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif cpu_supports_bf16():
+        low = torch.bfloat16
+    if device.type == "cpu":
+        fp32.append(FastPath(None, True, folded=True, jit=True))
+    lows = []
+    if low is not None:
+        lows = [FastPath(low, True, folded=True), FastPath(low, True, folded=True, cast=True)]
+        if device.type == "cpu":
+            lows.append(FastPath(low, True, folded=True, cast=True, jit=True))
+    if compile:
+        fp32.append(FastPath(None, True, folded=True, compiled=True))
+        lows += [FastPath(low, True, folded=True, cast=True, compiled=True)] if low else []
+    return fp32 + lows
+
+
+# ---------------------------------------------------------------- folding
+
+
+def fold_frozen(module: nn.Module) -> nn.Module:
+    """A frozen copy with every batch norm that follows a convolution folded into it
+    (exact in eval mode) and static "same" padding folded into the convolution; the
+    original is not touched. A module torch.fx cannot trace is returned unfolded (copied)."""
+    from torch.fx.experimental.optimization import fuse
+
+    work = _unpad_same(copy.deepcopy(module))
+    work.__dict__.pop("train", None)  # _freeze's lambda would return the original module
+    nn.Module.train(work, False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folded = fuse(work, inplace=True)
+    except Exception as exc:  # noqa: BLE001 - torch.fx raises many types; unfolded still works
+        log.info("Not folded (torch.fx cannot trace %s: %s).", type(module).__name__, exc)
+        folded = work
+    return _freeze_copy(folded)
+
+
+def _unpad_same(module: nn.Module) -> nn.Module:
+    """Replace efficientnet_lite_pytorch's Conv2dStaticSamePadding (a ZeroPad2d before
+    every conv) by a plain Conv2d whose own padding takes the symmetric part; only the
+    asymmetric remainder of stride-2 convs keeps a (smaller) ZeroPad2d."""
+    try:
+        from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+    except ImportError:
+        return module
+    for name, child in list(module.named_children()):
+        if isinstance(child, Conv2dStaticSamePadding):
+            setattr(module, name, _plain_conv(child))
+        else:
+            _unpad_same(child)
+    return module
+
+
+def _plain_conv(c: nn.Conv2d) -> nn.Module:
+    left, right, top, bottom = getattr(c.static_padding, "padding", (0, 0, 0, 0))
+    ph, pw = min(top, bottom), min(left, right)
+    conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, (ph, pw),
+                     c.dilation, c.groups, c.bias is not None)  # fmt: skip
+    conv.load_state_dict(c.state_dict())
+    conv.to(c.weight.device, c.weight.dtype).eval()
+    rest = (left - pw, right - pw, top - ph, bottom - ph)
+    return conv if not any(rest) else nn.Sequential(nn.ZeroPad2d(rest), conv).eval()
+
+
+def _freeze_copy(module: nn.Module) -> nn.Module:
+    """Like backbones._freeze, but `train()` returns this module, not the original."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.train = lambda mode=True: module  # type: ignore[method-assign]
+    return module
+
+
+# ---------------------------------------------------------------- running
+
+
+# original module -> {(device, path): runnable, None = the original itself}; and each
+# runnable -> its original. Weak, so a dropped backbone frees its copies.
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ORIGIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prepare(bb: Backbone, device: torch.device, path: FastPath) -> Backbone:
+    """A Backbone whose module is the runnable for `path` on `device`; the original module
+    is moved to `device` (Grad-CAM runs through it) and otherwise left as built. Built once
+    per original module, device and path: `run_backbone` on the original backbone, or on
+    any backbone `prepare` returned, finds it."""
+    device = torch.device(device)
+    original = _ORIGIN.get(bb.module, bb.module)
+    memo = _PREPARED.setdefault(original, {})
+    key = (str(device), path)
+    if key not in memo:
+        original.to(device)
+        runnable = _build(dataclasses.replace(bb, module=original), device, path)
+        memo[key] = None if runnable is original else runnable
+        _ORIGIN[runnable] = original
+    runnable = memo[key]
+    return dataclasses.replace(bb, module=original if runnable is None else runnable)
+
+
+def _build(bb: Backbone, device: torch.device, path: FastPath) -> nn.Module:
+    if not (path.folded or path.channels_last or path.cast or path.jit or path.compiled):
+        return bb.module
+    m = fold_frozen(bb.module) if path.folded else _freeze_copy(copy.deepcopy(bb.module))
+    m.to(device)
+    if path.channels_last:
+        m.to(memory_format=torch.channels_last)
+    if path.cast and path.autocast:
+        m.to(path.autocast)
+    if path.jit:
+        m = _jit(m, _example(bb, device, path))
+    if path.compiled:
+        m = _compile(m, _example(bb, device, path))
+    return m
+
+
+def _compile(m: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Inductor with the weights frozen as constants (conv-bn-activation fusion, weight
+    prepacking); compiled here, on the example, for any batch size (no recompiles)."""
+    import torch._inductor.config as inductor
+
+    compiled = torch.compile(m, dynamic=True)
+    with inductor.patch(freezing=True), torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+    return compiled
+
+
+def _jit(m: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A traced, frozen graph that oneDNN optimises (conv + bias + activation fused)."""
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, x, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+
+def _example(bb: Backbone, device: torch.device, path: FastPath, n: int = 2) -> torch.Tensor:
+    s = bb.prep.input_size
+    return _as_input(torch.zeros(n, 3, s, s, device=device), path)
+
+
+def _as_input(x: torch.Tensor, path: FastPath) -> torch.Tensor:
+    if path.cast and path.autocast:
+        x = x.to(path.autocast)
+    return x.contiguous(memory_format=torch.channels_last) if path.channels_last else x
+
+
+def run_backbone(bb: Backbone, x: torch.Tensor, path: FastPath) -> torch.Tensor:
+    """Normalised float batch -> fp32 features, on the batch's device. `bb` is the built
+    backbone or what `prepare` returned; the runnable is built on first use if needed."""
+    module = prepare(bb, x.device, path).module
+    autocast = path.autocast is not None and not path.cast
+    ctx = torch.autocast(x.device.type, dtype=path.autocast) if autocast else nullcontext()
+    with torch.inference_mode(), ctx:
+        return module(_as_input(x, path)).float()
+
+
+# ---------------------------------------------------------------- choosing
+
+
+@dataclass
+class Trial:
+    """One candidate's measurement: seconds per batch over the rounds, its one-off setup
+    (folding, tracing, first-call optimisation) and its worst per-image cosine to fp32."""
+
+    path: FastPath
+    seconds: list[float]
+    setup_s: float
+    cosine: float
+    images: int
+
+    def per_image(self) -> float:
+        return statistics.median(self.seconds) / self.images
+
+    def cost(self, images: int) -> float:
+        """Seconds for `images` images, setup included: a mode that is faster per batch
+        but slow to set up loses where it does not pay back."""
+        return self.setup_s + images * self.per_image()
+
+    def to_dict(self) -> dict:
+        med = statistics.median(self.seconds)
+        return {"mode": self.path.describe(), "images_per_s": self.images / med,
+                "min_images_per_s": self.images / max(self.seconds),
+                "max_images_per_s": self.images / min(self.seconds),
+                "setup_s": round(self.setup_s, 3), "cosine_min": self.cosine}  # fmt: skip
+
+
+def time_interleaved(fns: dict, rounds: int = 5, sync=None) -> dict[str, list[float]]:
+    """Seconds per call of each function, `rounds` times, in rotating order: on a shared
+    machine the load drifts, and rotation spreads the drift over every candidate alike."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            if sync:
+                sync()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def measure(bb: Backbone, device: torch.device, paths: list[FastPath], x: torch.Tensor,
+            rounds: int = 5) -> list[Trial]:  # fmt: skip
+    """Time every path on the warm batch `x`, interleaved; check each against fp32 NCHW."""
+    device = torch.device(device)
+    x = x.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    ref = run_backbone(bb, x, PLAIN)
+    setup, cosine, fns = {}, {}, {}
+    for p in paths:
+        t0 = time.perf_counter()
+        prepared = prepare(bb, device, p)
+        out = run_backbone(prepared, x, p)  # first call: oneDNN/TorchScript optimise here
+        run_backbone(prepared, x, p)
+        if sync:
+            sync()
+        setup[p] = time.perf_counter() - t0
+        cosine[p] = float(nn.functional.cosine_similarity(ref, out.to(ref), dim=1).min())
+        fns[p] = lambda prepared=prepared, p=p: run_backbone(prepared, x, p)
+    times = time_interleaved(fns, rounds, sync)
+    trials = []
+    for p in paths:
+        steady = 2 * statistics.median(times[p])  # the two warm-up calls, had they been warm
+        trials.append(Trial(p, times[p], max(setup[p] - steady, 0.0), cosine[p], len(x)))
+    return trials
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def choose(bb: Backbone, device: torch.device, precision: str = "auto",
+           cache_dir: str | Path | None = None, batch: torch.Tensor | None = None,
+           images: int = REALISTIC_IMAGES, rounds: int = 5,
+           compile: bool = False) -> FastPath:  # fmt: skip
+    """The fastest mode for this backbone here whose features match fp32 (cosine >=
+    MIN_COSINE), counting setup over `images` images; cached in cache_dir/dispatch.json.
+    `precision`: `fp32` = the fastest fp32 mode, `bf16` = bf16 even if slower; `compile`
+    also times torch.compile modes (see `candidates`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    device = torch.device(device)
+    key = dispatch_key(bb, device, precision) + (" | compile" if compile else "")
+    cached = _read_cache(cache_dir).get(key)
+    if cached:
+        path = FastPath.from_dict(cached["path"])
+        log.info("Compute mode for %s on %s: %s (cached in %s).", bb.name, device,
+                 path.describe(), Path(cache_dir) / DISPATCH_FILE)  # fmt: skip
+        return path
+    paths = _family(candidates(device, compile), device, precision)
+    x = batch if batch is not None else synthetic_batch(bb)
+    trials = measure(bb, device, [PLAIN] + [p for p in paths if p != PLAIN], x, rounds)
+    best = _pick(trials, precision, images, bb.name)
+    _forget(bb, device, keep={best.path, PLAIN})
+    _write_cache(cache_dir, key, best, trials)
+    seen = "; ".join(f"{t.path.describe()} {1 / t.per_image():.1f}/s" for t in trials)
+    log.info("Compute mode for %s on %s: %s (%.1f images/s, cosine %.4f; measured: %s).",
+             bb.name, device, best.path.describe(), 1 / best.per_image(), best.cosine,
+             seen)  # fmt: skip
+    return best.path
+
+
+def _family(paths: list[FastPath], device: torch.device, precision: str) -> list[FastPath]:
+    if precision == "fp32":
+        return [p for p in paths if p.autocast is None]
+    if precision == "bf16":
+        low = [p for p in paths if p.autocast is not None]
+        if not any(p.autocast == torch.bfloat16 for p in low):  # no kernels: asked for anyway
+            low = [FastPath(torch.bfloat16, True, folded=True)]
+        return [p for p in low if p.autocast == torch.bfloat16]
+    return paths
+
+
+def _pick(trials: list[Trial], precision: str, images: int, name: str) -> Trial:
+    pool = [t for t in trials if precision != "bf16" or t.path.autocast is not None]
+    good = [t for t in pool if t.cosine >= MIN_COSINE]
+    if not good:
+        log.warning("No %s mode of %s matches fp32 (cosine >= %s); using the closest.",
+                    precision, name, MIN_COSINE)  # fmt: skip
+        good = [max(pool, key=lambda t: t.cosine)]
+    return min(good, key=lambda t: t.cost(images))
+
+
+def synthetic_batch(bb: Backbone, n: int = 8, seed: int = 0) -> torch.Tensor:
+    """A normalised batch of smooth random colour fields, for when no image is at hand."""
+    from breakhis_tl.transforms import normalize
+
+    g = torch.Generator().manual_seed(seed)
+    s = bb.prep.input_size
+    small = torch.randint(0, 256, (n, 3, max(s // 16, 1), max(s // 16, 1)), generator=g)
+    big = nn.functional.interpolate(small.float(), size=(s, s), mode="bilinear")
+    return normalize(big.clamp(0, 255), bb.prep)
+
+
+def _forget(bb: Backbone, device: torch.device, keep: set[FastPath]) -> None:
+    """Drop the losing candidates' copies (a backbone copy each)."""
+    memo = _PREPARED.get(_ORIGIN.get(bb.module, bb.module), {})
+    for key in [k for k in memo if k[0] == str(device) and k[1] not in keep]:
+        del memo[key]
+
+
+def dispatch_key(bb: Backbone, device: torch.device, precision: str) -> str:
+    """Machine (CPU + flags hash, torch, GPU), backbone + weights, input size, precision."""
+    return (f"{machine_id(device)} | {bb.name} | {bb.weights_id} | "
+            f"{bb.prep.input_size}px | {precision}")  # fmt: skip
+
+
+def _read_cache(cache_dir: str | Path | None) -> dict:
+    if cache_dir is None:
+        return {}
+    try:
+        return json.loads((Path(cache_dir) / DISPATCH_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # absent or unreadable: measure again (and rewrite it)
+
+
+def _write_cache(cache_dir, key: str, best: Trial, trials: list[Trial]) -> None:
+    """Read-modify-replace, so a concurrent reader never sees half a file."""
+    if cache_dir is None:
+        return
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = _read_cache(folder)
+    data[key] = {"path": best.path.to_dict(), "mode": best.path.describe(),
+                 "measured": [t.to_dict() for t in trials],
+                 "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    tmp = folder / f".{DISPATCH_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, folder / DISPATCH_FILE)

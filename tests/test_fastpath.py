@@ -1,0 +1,211 @@
+"""The measured compute-mode dispatch and the folding of frozen backbones (fastpath.py).
+
+Comparisons are like with like: folded fp32 against unfolded fp32 to fp32 tolerance, and a
+bf16 mode against fp32 only to the tolerance bf16 allows, so the suite passes on CPUs with
+and without bf16 kernels.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import fx, nn
+
+from breakhis_tl import fastpath as F
+from breakhis_tl.backbones import build_backbone
+from breakhis_tl.fastpath import PLAIN, FastPath
+from breakhis_tl.images import load_rgb
+from breakhis_tl.transforms import decode_transform, normalize
+
+CNNS = ["vgg16", "resnet50", "densenet121", "inception_v3", "mobilenet_v2",
+        "efficientnet_b0", "efficientnet_lite0", "convnext_tiny"]  # fmt: skip
+CPU = torch.device("cpu")
+
+
+def real_batch(bb, folder, n=2):
+    paths = sorted(folder.rglob("*.png"))[:n]
+    decode = decode_transform(bb.prep)
+    return torch.stack([normalize(decode(load_rgb(p)), bb.prep) for p in paths])
+
+
+def with_running_stats(bb, seed=0):
+    """Random-init batch norms hold mean 0 / var 1 / weight 1 / bias 0, which folds to the
+    identity; give them real statistics (one train-mode pass) and a random affine."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in bb.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative: one pass sets the batch statistics exactly
+        bn.weight.data.uniform_(0.5, 1.5, generator=g)
+        bn.bias.data.normal_(0, 0.1, generator=g)
+    nn.Module.train(bb.module, True)  # _freeze patched train() to stay in eval
+    with torch.no_grad():
+        bb.module(torch.randn(4, 3, 96, 96, generator=g))
+    nn.Module.train(bb.module, False)
+    for bn in bns:
+        bn.momentum = 0.1
+    return bb
+
+
+def bn_after_conv(module):
+    """Batch norms whose input is a convolution's output: what folding must remove."""
+    gm = fx.symbolic_trace(module)
+    mods = dict(gm.named_modules())
+    hits = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(mods[node.target], nn.BatchNorm2d):
+            src = node.args[0]
+            if src.op == "call_module" and isinstance(mods[src.target], nn.Conv2d):
+                hits.append(node.target)
+    return hits
+
+
+def cosine_min(a, b):
+    return float(nn.functional.cosine_similarity(a.float(), b.float(), dim=1).min())
+
+
+def test_describe_is_stable_and_round_trips():
+    assert PLAIN.describe() == "fp32"
+    assert FastPath(None, True).describe() == "fp32 + channels_last"  # the old text
+    assert FastPath(torch.bfloat16, True).describe() == "bfloat16 + channels_last"
+    full = FastPath(torch.bfloat16, True, folded=True, cast=True, jit=True)
+    assert full.describe() == "bfloat16 weights + channels_last + folded + jit"
+    every = F.candidates(CPU, compile=True) + [full, FastPath(torch.float16, True, folded=True)]
+    assert len({p.describe() for p in every}) == len(set(every))
+    for p in every:
+        assert FastPath.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+@pytest.mark.parametrize("name", CNNS)
+def test_folding_keeps_features_and_removes_batch_norm(name, breakhis_sample):
+    bb = with_running_stats(build_backbone(name, "none", 0))
+    before = {k: v.clone() for k, v in bb.module.state_dict().items()}
+    x = real_batch(bb, breakhis_sample)
+    folded = F.fold_frozen(bb.module)
+    with torch.inference_mode():
+        ref, out = bb.module(x), folded(x)
+    assert cosine_min(ref, out) >= 0.9999
+    assert (ref - out).abs().max() <= 1e-3 * ref.abs().max() + 1e-6
+    left = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    if name == "densenet121":  # pre-activation: its norms follow concatenations, not convs
+        assert left and not bn_after_conv(folded)
+    else:
+        assert not left
+    assert all(not p.requires_grad for p in folded.parameters())
+    folded.train()
+    assert not folded.training
+    # the original, which Grad-CAM runs through, is untouched
+    assert all(not p.requires_grad for p in bb.module.parameters())
+    assert bb.module.train() is bb.module and not bb.module.training
+    assert all(torch.equal(v, bb.module.state_dict()[k]) for k, v in before.items())
+
+
+def test_lite0_static_same_padding_is_folded_into_the_convolution(breakhis_sample):
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    bb = build_backbone("efficientnet_lite0", "default")
+    folded = F.fold_frozen(bb.module)
+    assert not any(isinstance(m, Conv2dStaticSamePadding) for m in folded.modules())
+    pads = [m for m in folded.modules() if isinstance(m, nn.ZeroPad2d)]
+    stride2 = [m for m in bb.module.modules()
+               if isinstance(m, Conv2dStaticSamePadding) and max(m.stride) == 2]  # fmt: skip
+    assert 0 < len(pads) <= len(stride2)  # only the asymmetric stride-2 remainders
+    # one column on the right and one row at the bottom, not the full pad
+    assert all(tuple(p.padding) == (0, 1, 0, 1) for p in pads)
+    x = real_batch(bb, breakhis_sample, 4)
+    with torch.inference_mode():
+        ref, out = bb.module(x), folded(x)
+    assert cosine_min(ref, out) >= 0.9999
+    assert (ref - out).abs().max() < 1e-3
+
+
+def test_every_candidate_matches_fp32_within_its_dtype(breakhis_sample):
+    bb = build_backbone("efficientnet_lite0", "default")
+    x = real_batch(bb, breakhis_sample, 3)  # not the traced batch size (2)
+    ref = F.run_backbone(bb, x, PLAIN)
+    for p in F.candidates(CPU):
+        out = F.run_backbone(bb, x, p)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert cosine_min(ref, out) >= (0.9999 if p.autocast is None else F.MIN_COSINE), p
+
+
+def test_prepare_keeps_the_original_and_builds_once():
+    bb = build_backbone("mobilenet_v2", "none", 0)
+    path = FastPath(None, True, folded=True)
+    a, b = F.prepare(bb, CPU, path), F.prepare(bb, CPU, path)
+    assert a.module is b.module and a.module is not bb.module
+    assert F.prepare(a, CPU, path).module is a.module  # a prepared backbone is not re-folded
+    assert F.prepare(bb, CPU, PLAIN).module is bb.module
+    assert any(isinstance(m, nn.BatchNorm2d) for m in bb.module.modules())  # for Grad-CAM
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.equal(F.run_backbone(bb, x, path), F.run_backbone(a, x, path))
+
+
+def trial(path, per_batch, setup=0.0, cosine=1.0):
+    return F.Trial(path, [per_batch] * 5, setup, cosine, 8)
+
+
+def test_pick_takes_the_fastest_that_matches_and_pays_back():
+    slow, fast = PLAIN, FastPath(None, True, folded=True)
+    bad = FastPath(torch.bfloat16, True, folded=True)
+    jit = FastPath(None, True, folded=True, jit=True)
+    trials = [trial(slow, 1.0), trial(fast, 0.5), trial(bad, 0.1, cosine=0.9)]
+    assert F._pick(trials, "auto", 8000, "x").path == fast
+    # 10% faster per batch but 1000 s to set up: does not pay back on 8,000 images
+    assert F._pick(trials + [trial(jit, 0.45, setup=1000)], "auto", 8000, "x").path == fast
+    assert F._pick(trials + [trial(jit, 0.45, setup=1)], "auto", 8000, "x").path == jit
+    assert F._pick(trials, "bf16", 8000, "x").path == bad  # asked for: taken, with a warning
+
+
+def test_timing_is_interleaved_in_rotating_order():
+    calls = []
+    F.time_interleaved({k: (lambda k=k: calls.append(k)) for k in "abc"}, rounds=3)
+    assert calls == list("abcbcacab")
+
+
+@pytest.fixture
+def few_candidates(monkeypatch):
+    paths = [PLAIN, FastPath(None, True, folded=True)]
+    if F.cpu_supports_bf16():
+        paths.append(FastPath(torch.bfloat16, True, folded=True, cast=True))
+    monkeypatch.setattr(F, "candidates", lambda device, compile=False: paths)
+    return paths
+
+
+def test_choose_measures_once_then_reads_the_cache(few_candidates, tmp_path, monkeypatch):
+    bb = build_backbone("mobilenet_v2", "none", 0)
+    x = F.synthetic_batch(bb, n=2)
+    got = F.choose(bb, CPU, "auto", tmp_path, batch=x, rounds=2)
+    assert got in few_candidates
+    data = json.loads((tmp_path / F.DISPATCH_FILE).read_text())
+    key = F.dispatch_key(bb, CPU, "auto")
+    assert key.startswith(F.machine_id(CPU)) and "mobilenet_v2" in key and "224px" in key
+    assert data[key]["mode"] == got.describe()
+    assert {m["mode"] for m in data[key]["measured"]} == {p.describe() for p in few_candidates}
+    monkeypatch.setattr(F, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert F.choose(bb, CPU, "auto", tmp_path) == got
+
+
+def test_precision_overrides(few_candidates, tmp_path):
+    bb = build_backbone("mobilenet_v2", "none", 0)
+    x = F.synthetic_batch(bb, n=2)
+    assert F.choose(bb, CPU, "fp32", tmp_path, batch=x, rounds=1).autocast is None
+    assert F.choose(bb, CPU, "bf16", tmp_path, batch=x, rounds=1).autocast == torch.bfloat16
+    with pytest.raises(ValueError):
+        F.choose(bb, CPU, "fp8", tmp_path)
+
+
+def test_machine_names_the_cpu_and_its_flags():
+    name, flags = F.cpu_info()
+    assert name
+    assert "torch " + torch.__version__ in F.machine_id(CPU)
+    if flags:
+        assert "flags:" in F.machine_id(CPU)
+
+
+def test_without_bf16_kernels_only_fp32_is_timed_unless_asked(monkeypatch):
+    monkeypatch.setattr(F, "cpu_supports_bf16", lambda: False)
+    assert all(p.autocast is None for p in F.candidates(CPU))
+    assert F.fast_path(CPU).autocast is None
+    forced = F._family(F.candidates(CPU), CPU, "bf16")
+    assert forced and all(p.autocast == torch.bfloat16 for p in forced)
