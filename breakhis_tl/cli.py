@@ -218,16 +218,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
+    p.add_argument(
+        "--labels",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: when every image's name gives its label (BreakHis, IDC), score the "
+        "predictions against them; none: never",
+    )
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved head on a labelled split or folder",
+        description="Score a head on one side of a split file (or on images and folders "
+        "whose BreakHis/IDC names give their labels): image-level metrics, the per-patient "
+        "table and Spanhol's image/patient recognition rates, written as CSV with a "
+        "confusion matrix.",
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="images or folders (or --split-file)")
+    p.add_argument("--head", required=True, help="a .pt head file from trained_models/<run>/")
+    p.add_argument("--split-file", default=None, help="a split written by split --out or train")
+    p.add_argument("--data", default=None, help="the folder the split file's paths are under")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="side of the split file to score (default test)")  # fmt: skip
+    p.add_argument("--fold", type=positive_int, default=None,
+                   help="fold of the split file (default: the head's fold)")  # fmt: skip
+    p.add_argument("--out", default=None, metavar="DIR", help="write CSVs and confusion.png here")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/90-degree rotations")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
     return parser
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from breakhis_tl.evaluate import assess, format_summary
     from breakhis_tl.predict import Classifier
 
     clf = Classifier.from_head(args.head, device=args.device)
-    preds = clf.predict(args.paths, tta=args.tta, batch_size=args.batch_size, workers=args.workers)
+    preds = clf.predict(args.paths, tta=args.tta, batch_size=args.batch_size,
+                        workers=args.workers, labels=args.labels)  # fmt: skip
     patients = clf.patients(preds)
     with pd.option_context(
         "display.max_rows", 200, "display.width", 200, "display.max_colwidth", 60
@@ -237,6 +268,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if len(patients):
             print("\nPer patient:")
             print(patients.to_string(index=False, float_format="%.3f"))
+    if "label" in preds:
+        ev = assess(preds, clf.classes, clf.meta.get("protocol"))
+        print("\nScored against the labels in the file names:")
+        print(format_summary(ev))
+    elif args.labels == "auto":
+        print(f"\nNot scored: not every image's name gives its label for this {clf.dataset} head "
+              f"({clf.dataset} file names do; --labels none hides this line).")  # fmt: skip
     if args.out:
         _write_csv(preds, args.out)
     if args.patients:
@@ -244,6 +282,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.cam:
         written = clf.gradcam(preds.loc[preds["error"] == "", "path"].tolist(), args.cam)
         print(f"Wrote {len(written)} Grad-CAM overlay(s) to {args.cam}.")
+    return _unreadable(preds)
+
+
+def _unreadable(preds) -> int:
     failed = int((preds["error"] != "").sum())
     if failed:
         print(
@@ -252,6 +294,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a saved head where the truth is known: a split file's side, or labelled names."""
+    from breakhis_tl.evaluate import assess, format_summary, split_inputs, write_outputs
+    from breakhis_tl.predict import Classifier
+
+    if bool(args.split_file) == bool(args.paths):
+        raise UserError("Give either --split-file (with --data) or images and folders, not "
+                        f"{'both' if args.paths else 'neither'}.")  # fmt: skip
+    if args.split_file and not args.data:
+        raise UserError("--split-file needs --data: the folder its paths are under.")
+    clf = Classifier.from_head(args.head, device=args.device)
+    inputs, what = args.paths, "the given images"
+    if args.split_file:
+        fold = args.fold if args.fold is not None else clf.meta.get("fold")
+        inputs = split_inputs(args.split_file, args.data, clf.dataset, args.split, fold)
+        what = f"{args.split} of {Path(args.split_file).name}" + (f", fold {fold}" if fold else "")
+    preds = clf.predict(inputs, tta=args.tta, batch_size=args.batch_size, workers=args.workers)
+    if "label" not in preds:
+        raise UserError(
+            "Not every readable image's name gives its label, so there is nothing to score "
+            f"against; this {clf.dataset} head reads labels from {clf.dataset} file names."
+        )
+    ev = assess(preds, clf.classes, clf.meta.get("protocol"))
+    print(f"{clf.meta.get('arch', 'head')} on {what}:")
+    print(format_summary(ev))
+    if args.out:
+        title = (f"{clf.meta.get('arch', 'head')} on {what}\n({ev.image['n_images']} images, "
+                 f"balanced accuracy {ev.image['balanced_accuracy']:.3f})")  # fmt: skip
+        for path in write_outputs(ev, args.out, title):
+            print(f"Wrote {path}.")
+    return _unreadable(preds)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -395,6 +470,7 @@ COMMANDS = {
     "split": cmd_split,
     "train": cmd_train,
     "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
 }
 
 

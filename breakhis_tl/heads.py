@@ -75,11 +75,39 @@ def _jsonable(value):
     return str(value)
 
 
+PASS_HEAD = "pass a .pt head file from trained_models/<run>/"
+TEXT_KINDS = {".csv": "a CSV file", ".json": "a JSON file", ".txt": "a text file"}
+
+
+def _not_torch(path: Path) -> str | None:
+    """What the file is when it is not a torch file at all, so the sentence can name it (a
+    CSV passed as --head otherwise reads as pickled objects or an IndexError)."""
+    with path.open("rb") as f:
+        start = f.read(512)
+    if start[:4] == b"PK\x03\x04" or start[:1] == b"\x80":
+        return None  # a torch zip archive or a legacy pickle: let torch.load judge it
+    if not start:
+        return "an empty file"
+    if start[:8] == b"\x89PNG\r\n\x1a\n" or start[:3] == b"\xff\xd8\xff":
+        return "an image"
+    if b"\x00" not in start:
+        return TEXT_KINDS.get(path.suffix.lower(), "a text file")
+    return "not a torch file"
+
+
 def read_head_file(path: str | Path) -> tuple[dict, dict]:
     """(metadata, state dict), or one sentence saying why this is not a head file."""
     path = Path(path)
+    if path.is_dir():
+        heads = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" such as {path / heads[0]}" if heads else ""
+        raise UserError(f"Head {path} is a folder, not a head file; pass one of its .pt files"
+                        f"{hint}.")  # fmt: skip
     if not path.is_file():
-        raise UserError(f"Head file {path} does not exist.")
+        raise UserError(f"Head file {path} does not exist; {PASS_HEAD}.")
+    what = _not_torch(path)
+    if what:
+        raise UserError(f"{path} is {what}, not a breakhis_tl head file; {PASS_HEAD}.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -87,10 +115,16 @@ def read_head_file(path: str | Path) -> tuple[dict, dict]:
             f"Head file {path} holds pickled objects other than tensors; it was refused "
             "and nothing in it was run."
         ) from None
-    except Exception as exc:  # torch.load raises many types for files that are not its own
-        raise UserError(f"{path} is not a breakhis_tl head file ({type(exc).__name__}).") from None
+    except Exception:  # torch.load raises many types for files that are not its own
+        raise UserError(
+            f"{path} is not a breakhis_tl head file: it is a damaged or truncated torch file; "
+            f"{PASS_HEAD}."
+        ) from None
     if not isinstance(payload, dict) or "format" not in payload:
-        raise UserError(f"{path} is not a breakhis_tl head file (no format tag).")
+        raise UserError(
+            f"{path} is not a breakhis_tl head file (a torch file with no format tag; backbone "
+            f"weights go to train --weights); {PASS_HEAD}."
+        )
     if payload["format"] != HEAD_FORMAT:
         raise UserError(
             f"Head file {path} has format {payload['format']!r}; this version of breakhis_tl "

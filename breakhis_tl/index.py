@@ -79,6 +79,11 @@ def _report_unparsed(bad: list[Path], dataset: str) -> None:
         )
 
 
+def _mostly(files: list[Path], pattern: re.Pattern) -> bool:
+    """Whether most files are named like the other dataset: the error then names the fix."""
+    return sum(bool(pattern.match(p.name)) for p in files) * 2 > len(files)
+
+
 def index_breakhis(data: str | Path) -> pd.DataFrame:
     """Index BreakHis from the archive layout; `data` may be above, at or below `BreaKHis_v1`.
 
@@ -113,9 +118,14 @@ def index_breakhis(data: str | Path) -> pd.DataFrame:
         )
     _report_unparsed(bad, "BreakHis")
     if not rows:
+        hint = (
+            "these look like IDC patches; add --dataset idc."
+            if _mostly(bad, IDC_NAME)
+            else "is this the BreakHis folder?"
+        )
         raise UserError(
             f"No BreakHis images found under {root}: {len(bad)} PNG file(s), none named "
-            "SOB_<B|M>_<subtype>-<yy>-<slide>-<mag>-<seq>.png; is this the BreakHis folder?"
+            f"SOB_<B|M>_<subtype>-<yy>-<slide>-<mag>-<seq>.png; {hint}"
         )
     return pd.DataFrame(rows)
 
@@ -157,9 +167,14 @@ def index_idc(data: str | Path) -> pd.DataFrame:
             ", ".join(p.name for p in mismatched[:5]),
         )
     if not rows:
+        hint = (
+            "these look like BreakHis images; leave out --dataset idc."
+            if _mostly(bad, BREAKHIS_NAME)
+            else "is this the IDC folder?"
+        )
         raise UserError(
             f"No IDC patches found under {root}: {len(bad)} PNG file(s), none named "
-            "<patient>_idx5_x<X>_y<Y>_class<0|1>.png; is this the IDC folder?"
+            f"<patient>_idx5_x<X>_y<Y>_class<0|1>.png; {hint}"
         )
     return pd.DataFrame(rows)
 

@@ -7,6 +7,7 @@ single file is all a user needs. A bad image is a row with an `error`, never a l
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from breakhis_tl.errors import UserError
 from breakhis_tl.features import fast_path, pick_device, prepare, run_backbone
 from breakhis_tl.heads import load_head
 from breakhis_tl.images import ImageError, as_rgb
-from breakhis_tl.index import BREAKHIS_NAME, IDC_NAME
+from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME
 from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral, normalize
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 Input = str | Path | Image.Image
+
+# What each dataset's images look like: a head applied to the other kind still answers.
+DATASETS = {"breakhis": ("BreakHis", BREAKHIS_NAME, (700, 460)), "idc": ("IDC", IDC_NAME, (50, 50))}
+SIZE_FACTOR = 4  # a shorter side this many times off the training images' is "far"
+LABEL_MODES = ("auto", "none")
 
 
 def expand_inputs(inputs: Input | Iterable[Input]) -> list[Input]:
@@ -84,6 +90,33 @@ def patient_of(name: str) -> str | None:
     return m["patient"] if m else None
 
 
+def head_dataset(meta: dict) -> str:
+    """breakhis or idc: what the head was trained on; a head saved before `dataset` was
+    recorded tells by its classes."""
+    if meta.get("dataset") in DATASETS:
+        return meta["dataset"]
+    return "idc" if list(meta.get("classes", ())) == list(IDC_CLASSES) else "breakhis"
+
+
+def domain_warning(names: list[str], sizes: list, dataset: str, classes: list[str]) -> str:
+    """One sentence when inputs look like the other dataset (named like it, or of a size far
+    from the training images'), since the head then labels them without complaint; else ""."""
+    title, _, (w, h) = DATASETS[dataset]
+    other = next(d for d in DATASETS if d != dataset)
+    named = sum(bool(DATASETS[other][1].match(Path(n).name)) for n in names)
+    far = [s for s in sizes if not min(w, h) / SIZE_FACTOR <= min(s) <= min(w, h) * SIZE_FACTOR]
+    if not named and not far:
+        return ""
+    parts = [f"{named} are named like {DATASETS[other][0]} images"] if named else []
+    if far:
+        fw, fh = Counter(far).most_common(1)[0][0]
+        parts.append(f"{len(far)} are far from that size (such as {fw}x{fh})")
+    return (
+        f"This head was trained on {title} images ({w}x{h}), but of {len(names)} input(s) "
+        f"{' and '.join(parts)}; its {'/'.join(classes)} predictions for them mean little."
+    )
+
+
 class Classifier:
     """A frozen backbone and a trained head, rebuilt from a head file."""
 
@@ -91,6 +124,7 @@ class Classifier:
         self.backbone, self.head, self.meta, self.device = backbone, head, meta, device
         self.classes: list[str] = list(meta["classes"])
         self.prep = Preprocessing.from_dict(meta["prep"])
+        self.dataset = head_dataset(meta)
         self.path = fast_path(device)
         prepare(backbone, device, self.path)
         head.to(device).eval()
@@ -129,16 +163,9 @@ class Classifier:
             total = total + torch.softmax(self.head(f), 1)
         return (total / len(views)).cpu()
 
-    def predict(
-        self,
-        inputs: Input | Iterable[Input],
-        tta: bool = False,
-        batch_size: int = 32,
-        workers: int | None = None,
-        progress: bool = True,
-    ) -> pd.DataFrame:
-        """One row per input: path, prediction, prob_<class> (summing to 1) and error."""
-        items = expand_inputs(inputs)
+    def _run(self, items: list[Input], tta: bool, batch_size: int, workers, progress: bool):
+        """Probabilities (NaN rows for unreadable inputs), error messages and the original
+        sizes of the readable images."""
         has_pil = any(isinstance(i, Image.Image) for i in items)
         loader = DataLoader(
             _InputDataset(items, self.prep),
@@ -147,14 +174,33 @@ class Classifier:
             num_workers=0 if has_pil else (default_workers() if workers is None else workers),
         )
         probs = np.full((len(items), len(self.classes)), np.nan)
-        errors = [""] * len(items)
-        for x, _, idx, failed, _ in tqdm(
+        errors, sizes = [""] * len(items), []
+        for x, _, idx, failed, batch_sizes in tqdm(
             loader, desc="predict", unit="batch", disable=not progress or len(loader) < 2
         ):
             for i, msg in failed:
                 errors[i] = msg
+            sizes.extend(batch_sizes)
             if x is not None:
                 probs[idx.numpy()] = self._probs(x.to(self.device), tta).numpy()
+        return probs, errors, sizes
+
+    def predict(
+        self,
+        inputs: Input | Iterable[Input],
+        tta: bool = False,
+        batch_size: int = 32,
+        workers: int | None = None,
+        progress: bool = True,
+        labels: str = "auto",
+    ) -> pd.DataFrame:
+        """One row per input: path, prediction, prob_<class> (summing to 1) and error, and a
+        `label` column after path when `labels` is auto and every readable input's name
+        gives its true label (BreakHis and IDC names do), so the predictions can be scored."""
+        if labels not in LABEL_MODES:
+            raise UserError(f"Unknown labels mode {labels!r}; choose auto or none.")
+        items = expand_inputs(inputs)
+        probs, errors, sizes = self._run(items, tta, batch_size, workers, progress)
         names = [
             f"<image {i}>" if isinstance(it, Image.Image) else str(it) for i, it in enumerate(items)
         ]
@@ -169,20 +215,32 @@ class Classifier:
         df["error"] = errors
         for msg in filter(None, errors):
             log.warning("%s", msg)
+        warning = domain_warning(names, sizes, self.dataset, self.classes)
+        if warning:
+            log.warning("%s", warning)
+        return self._with_labels(df) if labels == "auto" else df
+
+    def _with_labels(self, df: pd.DataFrame) -> pd.DataFrame:
+        from breakhis_tl.evaluate import labels_from_names
+
+        found = labels_from_names(df["path"], self.classes, self.dataset)
+        readable = (df["error"] == "").tolist()
+        missing = any(r and lab is None for r, lab in zip(readable, found, strict=True))
+        if missing or not any(readable):
+            return df  # some readable name gives no label: nothing is scored
+        df.insert(1, "label", [lab or "" for lab in found])
         return df
 
     def patients(self, predictions: pd.DataFrame) -> pd.DataFrame:
-        """One row per patient: mean probabilities, their argmax, and the number of images."""
-        df = predictions[predictions["error"] == ""].copy()
-        df["patient"] = df["path"].map(patient_of)
-        df = df.dropna(subset=["patient"])
-        cols = [f"prob_{c}" for c in self.classes]
-        if df.empty:
-            return pd.DataFrame(columns=["patient", *cols, "prediction", "n_images"])
-        table = df.groupby("patient", sort=True)[cols].mean()
-        table["prediction"] = [self.classes[k] for k in table[cols].to_numpy().argmax(1)]
-        table["n_images"] = df.groupby("patient").size()
-        return table.reset_index()
+        """One row per patient: its true label(s) and share of images correct when the
+        predictions carry labels, the number of images, the majority vote, the
+        mean-probability prediction and the mean probabilities (evaluate.patient_table)."""
+        from breakhis_tl.evaluate import patient_table
+
+        labels = None
+        if "label" in predictions:
+            labels = [lab or None for lab in predictions["label"].fillna("")]
+        return patient_table(predictions, self.classes, labels)
 
     def gradcam(self, inputs: Input | Iterable[Input], out_dir: str | Path) -> list[Path]:
         from breakhis_tl.cam import save_cams

@@ -1,12 +1,14 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from breakhis_tl.cam import target_layer
 from breakhis_tl.cli import main
 from breakhis_tl.errors import UserError
 from breakhis_tl.heads import load_head, make_head, read_head_file, save_head
+from breakhis_tl.index import index_breakhis, index_idc
 from breakhis_tl.predict import Classifier, patient_of
 
 
@@ -28,11 +30,13 @@ def test_predict_folder_and_patients(clf, breakhis_sample):
     df = clf.predict(breakhis_sample, workers=0, progress=False)
     assert len(df) == 14 and list(df.columns) == [
         "path",
+        "label",  # BreakHis names give the true label
         "prediction",
         "prob_benign",
         "prob_malignant",
         "error",
     ]
+    assert df["label"].tolist() == ["benign" if "SOB_B_" in p else "malignant" for p in df["path"]]
     assert np.allclose(_probs(df).sum(1), 1, atol=1e-5)
     assert (df["error"] == "").all()
     assert set(df["prediction"]) <= {"benign", "malignant"}
@@ -42,6 +46,11 @@ def test_predict_folder_and_patients(clf, breakhis_sample):
     row = pats.set_index("patient").loc["25197"]
     mask = df["path"].str.contains("-25197-")
     assert row["prob_malignant"] == pytest.approx(df.loc[mask, "prob_malignant"].mean())
+    truth = "benign" if df.loc[mask, "path"].str.contains("SOB_B_").all() else "malignant"
+    assert row["label"] == truth
+    right = (df.loc[mask, "prediction"] == truth).mean()
+    assert row["share_correct"] == pytest.approx(right)
+    assert row["majority_vote"] in clf.classes and row["prediction"] in clf.classes
 
 
 def test_same_numbers_as_training_predictions(sample_run, clf):
@@ -183,3 +192,48 @@ def test_patient_of():
     assert patient_of("x/SOB_M_DC-14-13412-100-003.png") == "13412"
     assert patient_of("8975_idx5_x101_y1201_class0.png") == "8975"
     assert patient_of("photo.png") is None
+
+
+def test_not_a_head_file_says_what_it_is(tmp_path, breakhis_sample, capsys):
+    cases = {
+        "split.csv": ("path,split\nBreaKHis_v1/x.png,test\n", "is a CSV file"),
+        "empty.pt": ("", "is an empty file"),
+        "notes.pt": ("hello", "is a text file"),
+    }
+    for name, (text, what) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError) as caught:
+            read_head_file(tmp_path / name)
+        msg = str(caught.value)
+        assert what in msg and msg.endswith("pass a .pt head file from trained_models/<run>/.")
+    image = next(breakhis_sample.rglob("*.png"))
+    with pytest.raises(UserError, match="is an image, not a breakhis_tl head file"):
+        read_head_file(image)
+    with pytest.raises(UserError, match="does not exist; pass a .pt head file"):
+        read_head_file(tmp_path / "missing.pt")
+
+
+def test_weights_file_as_head(tmp_path):
+    weights = tmp_path / "resnet50.pth"
+    torch.save({"conv1.weight": torch.zeros(2, 2)}, weights)
+    with pytest.raises(UserError, match="no format tag; backbone weights go to train --weights"):
+        read_head_file(weights)
+
+
+def test_wrong_dataset_folder_names_the_fix(idc_sample, breakhis_sample, capsys):
+    with pytest.raises(UserError, match="these look like IDC patches; add --dataset idc"):
+        index_breakhis(idc_sample)
+    with pytest.raises(UserError, match="these look like BreakHis images; leave out --dataset idc"):
+        index_idc(breakhis_sample)
+    assert main(["index", "--data", str(idc_sample)]) == 2
+    assert "add --dataset idc" in capsys.readouterr().err
+
+
+def test_unrelated_folder_keeps_the_question(tmp_path):
+    from conftest import png_bytes
+
+    (tmp_path / "photo.png").write_bytes(png_bytes())
+    with pytest.raises(UserError, match="is this the BreakHis folder"):
+        index_breakhis(tmp_path)
+    with pytest.raises(UserError, match="is this the IDC folder"):
+        index_idc(tmp_path)
