@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="K-fold cross-validation (patient: grouped; random: image-level)",
     )
     p.add_argument("--split-file", default=None, help="reuse a split written by `split --out`")
-    p.add_argument("--head", default="linear", help="linear, logreg or mlp")
+    p.add_argument(
+        "--head",
+        default="logreg",
+        help="logreg (default: L-BFGS logistic regression, C chosen on val), linear (AdamW "
+        "epochs with early stopping) or mlp",
+    )
     p.add_argument(
         "--recipe",
         default="default",

@@ -30,6 +30,7 @@ from breakhis_tl.training import (
     end_to_end_features,
     feature_batches,
     fit,
+    fit_logreg,
     predict_features,
 )
 
@@ -136,6 +137,9 @@ def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, 
 
     writer = ctx.writers[job.name]
     log.info("Training a %s head: %s (%d classes).", t.head, job.name, len(ctx.classes))
+    if t.head == "logreg":
+        return fit_logreg(data.batches, evaluate_val, ctx.classes, t,
+                          on_epoch=lambda e, logs: log_epoch(writer, e, logs), seed=job.seed)  # fmt: skip
     result = fit(head, data.batches, evaluate_val, data.labels, ctx.classes, t,
                  on_epoch=lambda e, logs: log_epoch(writer, e, logs),
                  should_stop=lambda: ctx.stop.stop, device=ctx.device, seed=job.seed)  # fmt: skip

@@ -19,13 +19,13 @@ from torch import nn
 from breakhis_tl.errors import UserError
 
 HEAD_FORMAT = "breakhis_tl.head/1"
-HEADS = ("linear", "mlp")
+HEADS = ("logreg", "linear", "mlp")
 
 
 def make_head(
     kind: str, in_dim: int, n_classes: int, hidden: int = 512, dropout: float = 0.5
 ) -> nn.Module:
-    if kind == "linear":  # a linear probe: logistic regression on the frozen features
+    if kind in ("linear", "logreg"):  # a linear probe: logistic regression on the features
         return nn.Sequential(nn.Linear(in_dim, n_classes))
     if kind == "mlp":
         return nn.Sequential(

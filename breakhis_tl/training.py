@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    head: str = "linear"  # linear or mlp (one hidden layer)
+    head: str = "logreg"  # logreg (L-BFGS, C chosen on val), linear (AdamW epochs) or mlp
     hidden: int = 512  # mlp hidden units
     dropout: float = 0.5  # mlp: before the last layer
     epochs: int = 30  # upper bound; early stopping may end sooner
@@ -64,7 +64,7 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 def _score(metrics: dict) -> float:
-    v = metrics.get("balanced_accuracy", float("nan"))
+    v = metrics.get("balanced_accuracy", metrics.get("val_balanced_accuracy", float("nan")))
     return -math.inf if v is None or math.isnan(v) else v
 
 
@@ -237,3 +237,79 @@ def end_to_end_features(
             feats[idx] = run_backbone(backbone, x.to(device), path).cpu()
             ok[idx] = True
     return feats, ok
+
+
+LOGREG_C = tuple(float(c) for c in np.logspace(-4, 2, 7))  # inverse regularisation strengths
+
+
+def _collect(train_batches: Callable[[int], Batches]) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = zip(*((x.float(), y) for x, y in train_batches(1)), strict=True)
+    return torch.cat(xs).numpy().astype(np.float64), torch.cat(ys).numpy()
+
+
+def linear_from_logreg(model, mean: np.ndarray, scale: np.ndarray, n_classes: int) -> nn.Module:
+    """A plain linear head with the standardisation folded in: the same head file, predict
+    and Grad-CAM work for it as for any linear head."""
+    coef = np.asarray(model.coef_, dtype=np.float64) / scale
+    bias = np.asarray(model.intercept_, dtype=np.float64) - coef @ mean
+    if n_classes == 2 and coef.shape[0] == 1:  # binary: logit of class 1 against 0
+        coef = np.vstack([np.zeros_like(coef), coef])
+        bias = np.concatenate([[0.0], bias])
+    head = nn.Sequential(nn.Linear(coef.shape[1], n_classes))
+    with torch.no_grad():
+        head[0].weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
+        head[0].bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+    return head.eval()
+
+
+def fit_logreg(
+    train_batches: Callable[[int], Batches],
+    evaluate_val: Callable[[nn.Module], tuple[np.ndarray, np.ndarray, list]],
+    classes: list[str],
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, FitResult]:
+    """The linear probe of CLIP and DINOv2 evaluations: L-BFGS logistic regression on
+    standardised features, trained to convergence whatever the data size, its strength C
+    chosen on the validation patients only (`select last`: C = 1, nothing selected).
+    Each candidate C is one row of the history (its `epoch` is the candidate's number)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    start = time.perf_counter()
+    x, y = _collect(train_batches)
+    scaler = StandardScaler().fit(x)
+    z = scaler.transform(x)
+    weight = "balanced" if cfg.class_weighted else None
+    grid = (1.0,) if cfg.select == "last" else LOGREG_C
+    history, heads, best = [], [], 0
+    for k, c in enumerate(grid, start=1):
+        t0 = time.perf_counter()
+        model = LogisticRegression(C=c, class_weight=weight, max_iter=5000, random_state=seed)
+        model.fit(z, y)
+        head = linear_from_logreg(model, scaler.mean_, scaler.scale_, len(classes))
+        train_p = predict_features(head, torch.as_tensor(x, dtype=torch.float32))
+        y_val, p_val, patients = evaluate_val(head)
+        val_m = compute_metrics(y_val, p_val, classes, patients)
+        train_m = compute_metrics(y, train_p, classes, curves_only=True)
+        logs = {"epoch": k, "C": c, "train_loss": _nll(train_p, y), "val_loss": _nll(p_val, y_val),
+                **{f"train_{m}": v for m, v in train_m.items() if m != "confusion"},
+                **{f"val_{m}": v for m, v in val_m.items() if m != "confusion"},
+                "seconds": time.perf_counter() - t0}  # fmt: skip
+        history.append(logs)
+        heads.append(head)
+        if on_epoch:
+            on_epoch(k, logs)
+        if _score(val_m) > _score(history[best - 1] if best else {}) or not best:
+            best = k
+    log.info("Logistic regression: C = %g chosen on the validation set.", grid[best - 1])
+    head = heads[best - 1]
+    state = copy.deepcopy(head.state_dict())
+    return head, FitResult(history, state, best, False, time.perf_counter() - start)
+
+
+def _nll(p: np.ndarray, y: np.ndarray) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))

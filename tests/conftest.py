@@ -61,24 +61,24 @@ def full_tree(tmp_path_factory, breakhis_layout) -> Path:
 
 @pytest.fixture(scope="session")
 def full_folds_csv(full_tree) -> Path:
-    """A Folds.csv in the official format: 5 folds, train/test by slide folder (about 70/30).
+    """The real official Folds.csv (39,545 rows), beside the full-scale tree's BreaKHis_v1
+    (a copy in the test's temporary folder, never in the repository)."""
+    import shutil
 
-    Slide 13412 has a DC and an LC folder; fold 1 puts them on opposite sides, as a
-    folder-wise assignment can, so the warning for shared slide ids is exercised.
-    """
+    path = full_tree / "Folds.csv"
+    shutil.copy(_shared("Folds.csv"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def made_folds_csv(full_tree, tmp_path_factory) -> Path:
+    """A self-made Folds.csv in the official format, for the malformed-file tests only."""
     from breakhis_tl.index import index_breakhis
 
     index = index_breakhis(full_tree)
-    rows = []
-    folders = sorted(index["slide_folder"].unique())
-    for fold in range(1, 6):
-        test = {f for f in folders[fold - 1 :: 4] if not f.endswith("-13412")}
-        if fold == 1:
-            test.add("SOB_M_DC_14-13412")
-        for r in index.itertuples():
-            grp = "test" if r.slide_folder in test else "train"
-            rows.append((fold, r.magnification, grp, r.relpath))
-    path = full_tree / "Folds.csv"
+    rows = [(1, r.magnification, "test" if i % 3 == 0 else "train", r.relpath)
+            for i, r in enumerate(index.itertuples())]  # fmt: skip
+    path = tmp_path_factory.mktemp("made") / "Folds.csv"
     pd.DataFrame(rows, columns=["fold", "mag", "grp", "filename"]).to_csv(path, index=False)
     return path
 

@@ -70,7 +70,7 @@ def test_eva_protocol(full_index):
 def test_official_folds(full_index, full_folds_csv, caplog):
     with caplog.at_level(logging.WARNING):
         s = make_split(full_index, "folds", fold=1, seed=0, folds_csv=full_folds_csv)
-    # fold 1 of this Folds.csv puts slide 13412's DC folder in test and LC in train: warned
+    # fold 1 of the official Folds.csv puts slide 13412's DC and LC folders apart: warned
     assert "13412" in caplog.text
     assert set(s["split"]) == {"train", "val", "test"}
     assert (s["fold"] == 1).all() and len(s) == 7909
@@ -136,9 +136,11 @@ def test_too_few_patients_says_how_many(breakhis_sample, idc_sample):
         make_split(index, "cv", n_folds=10)
 
 
-def test_bad_fold_and_folds_csv(full_index, full_folds_csv, tmp_path):
+def test_bad_fold_and_folds_csv(full_index, made_folds_csv, tmp_path):
     with pytest.raises(UserError, match="Fold 6 is out of range; the official BreakHis folds"):
-        make_split(full_index, "folds", fold=6, folds_csv=full_folds_csv)
+        make_split(full_index, "folds", fold=6, folds_csv=made_folds_csv)
+    with pytest.raises(UserError, match="The folds file has no rows for fold 2"):
+        make_split(full_index, "folds", fold=2, folds_csv=made_folds_csv)
     with pytest.raises(UserError, match="Fold 7 is out of range; this split has folds 1 to 5"):
         make_split(full_index, "cv", fold=7, n_folds=5)
     bad = tmp_path / "Folds.csv"

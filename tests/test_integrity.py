@@ -1,0 +1,373 @@
+"""Every reported number is clean: split files, twins, patient keys, selection, baselines."""
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import _shared
+
+from breakhis_tl.backbones import REGISTRY, build_backbone
+from breakhis_tl.calibration import calibrate
+from breakhis_tl.cli import main
+from breakhis_tl.errors import UserError
+from breakhis_tl.features import Request, check_features, extract
+from breakhis_tl.folds import SplitOptions, plan_folds, write_split
+from breakhis_tl.heads import read_head_file
+from breakhis_tl.index import index_breakhis
+from breakhis_tl.runner import RunConfig, run_training
+from breakhis_tl.splits import apply_group_by
+from breakhis_tl.training import TrainConfig
+
+TWIN_DC = "SOB_M_DC-14-13412-100-003.png"
+TWIN_LC = "SOB_M_LC-14-13412-100-003.png"
+
+
+@pytest.fixture(scope="module")
+def breakhis_real():
+    return _shared("breakhis_real")
+
+
+@pytest.fixture(scope="module")
+def full_index(full_tree):
+    return index_breakhis(full_tree)
+
+
+def _cfg(data, out, **kw):
+    train = kw.pop("train", TrainConfig(epochs=3))
+    return RunConfig(
+        data=str(data),
+        archs=kw.pop("archs", ["efficientnet_lite0"]),
+        out=str(out),
+        workers=0,
+        progress=False,
+        train=train,
+        **kw,
+    )
+
+
+# -- split files ------------------------------------------------------------------------------
+
+
+def test_folds_split_file_reused_per_fold_without_leak(full_index, full_folds_csv, tmp_path):
+    plan = plan_folds(
+        full_index, SplitOptions(protocol="folds", fold="all", folds_csv=str(full_folds_csv))
+    )
+    write_split(plan, tmp_path / "split.csv")
+    assert len(pd.read_csv(tmp_path / "split.csv")) == 5 * 7909  # one row per image per fold
+    back = plan_folds(full_index, SplitOptions(split_file=str(tmp_path / "split.csv"), fold=2))
+    ((k, fold2),) = back.folds
+    assert k == 2 and len(fold2) == 7909 and fold2["relpath"].is_unique  # not 5 copies
+    again = dict(plan.folds)[2]
+    assert (
+        fold2.set_index("relpath")["split"]
+        .sort_index()
+        .equals(again.set_index("relpath")["split"].sort_index())
+    )
+
+
+def test_split_file_protocol_and_fold_mismatches_are_refused(full_index, tmp_path):
+    path = tmp_path / "random.csv"
+    write_split(plan_folds(full_index, SplitOptions(protocol="random")), path)
+    with pytest.raises(UserError, match="written with protocol random, but --protocol patient"):
+        plan_folds(full_index, SplitOptions(split_file=str(path), protocol="patient"))
+    legacy = pd.read_csv(path).drop(columns=["protocol", "group_by"])  # an older file
+    legacy.to_csv(tmp_path / "legacy.csv", index=False)
+    with pytest.raises(UserError, match=r"patient\(s\) have images on more than one side"):
+        plan_folds(full_index, SplitOptions(split_file=str(tmp_path / "legacy.csv")))
+    cv1 = tmp_path / "cv1.csv"
+    write_split(plan_folds(full_index, SplitOptions(protocol="cv", cv=5, fold=3)), cv1)
+    with pytest.raises(UserError, match="--fold all asks for every fold, but .* only fold 3"):
+        plan_folds(full_index, SplitOptions(split_file=str(cv1), fold="all"))
+    with pytest.raises(UserError, match="has no fold 2"):
+        plan_folds(full_index, SplitOptions(split_file=str(cv1), fold=2))
+    doubled = pd.concat([pd.read_csv(cv1)] * 2)
+    doubled.to_csv(tmp_path / "doubled.csv", index=False)
+    with pytest.raises(UserError, match="more than once in one fold"):
+        plan_folds(full_index, SplitOptions(split_file=str(tmp_path / "doubled.csv")))
+
+
+def test_split_file_with_classes_outside_the_task(breakhis_sample, tmp_path, capsys):
+    index = index_breakhis(breakhis_sample)
+    pd.DataFrame({"path": index["relpath"], "split": "train"}).assign(
+        split=lambda d: np.where(np.arange(len(d)) % 3 == 0, "val", "train")
+    ).to_csv(tmp_path / "s.csv", index=False)
+    args = [
+        "train",
+        "--data",
+        str(breakhis_sample),
+        "--archs",
+        "efficientnet_lite0",
+        "--out",
+        str(tmp_path),
+        "--split-file",
+        str(tmp_path / "s.csv"),
+        "--protocol",
+        "eva",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "outside the subtype task's classes" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--protocol", "eva", "--cv", "5"], "--cv does not apply to the eva protocol"),
+        (["--protocol", "folds", "--cv", "5"], "--cv does not apply to the folds protocol"),
+        (["--protocol", "patient", "--fold", "2"], "--fold applies to cv, folds or --cv runs"),
+        (["--protocol", "eva"], "None of eva's 14 validation slides"),
+    ],
+)
+def test_meaningless_combinations_one_sentence_nothing_written(
+    extra, message, breakhis_sample, tmp_path, capsys
+):
+    args = [
+        "train",
+        "--data",
+        str(breakhis_sample),
+        "--archs",
+        "efficientnet_lite0",
+        "--out",
+        str(tmp_path),
+        "--run",
+        "x",
+        *extra,
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    for sub in ("trained_models", "summary_writers", "validation_graphs"):
+        assert not (tmp_path / sub / "x").exists()  # a failed run leaves no empty folders
+
+
+# -- pixel-identical twins and the patient key ----------------------------------------------
+
+
+def test_official_fold_1_reports_the_real_dc_lc_twin(breakhis_real, tmp_path, capsys, caplog):
+    folds_csv = breakhis_real.parent / "Folds.csv"
+    args = [
+        "split",
+        "--data",
+        str(breakhis_real),
+        "--protocol",
+        "folds",
+        "--fold",
+        "1",
+        "--folds-csv",
+        str(folds_csv),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "1 pixel-identical pair(s) on two sides" in out and "passed" not in out
+    assert "patient(s) are on two sides (13412)" in out
+    assert TWIN_DC in caplog.text and TWIN_LC in caplog.text
+
+
+def test_patient_key_joins_the_twin_in_every_other_protocol(breakhis_real, tmp_path, caplog):
+    from breakhis_tl.identity import ImageStore
+    from breakhis_tl.leakage import find_twins
+
+    index = index_breakhis(breakhis_real)
+    pixels = ImageStore(tmp_path / "i.sqlite").pixel_hashes(index["path"].tolist())
+    index = index.assign(pixel=pixels)
+    pair = index[index["filename"].isin([TWIN_DC, TWIN_LC])]
+    assert pair["pixel"].nunique() == 1 and pair["relpath"].nunique() == 2  # same picture
+    for opts in [SplitOptions(protocol="patient", seed=s) for s in range(3)] + [
+        SplitOptions(protocol="cv", cv=3, seed=0),
+        SplitOptions(protocol="patient", seed=0, group_by="accession"),
+    ]:
+        for _, split in plan_folds(index, opts).folds:
+            twins = find_twins(split, "label")
+            assert twins.across == [] and twins.test_with_train_twin == 0
+    # the same picture under two labels is reported for the subtype task
+    relabelled = find_twins(index.assign(split="train"), "subtype").relabelled
+    assert {relabelled[0][0], relabelled[0][2]} == {TWIN_DC, TWIN_LC}
+
+
+def test_twin_across_sides_stops_a_patient_protocol(breakhis_real, tmp_path):
+    """Were the patient key to miss it (two keys for one picture), the run stops by name."""
+    index = index_breakhis(breakhis_real)
+    split = pd.DataFrame({"path": index["relpath"], "split": "train"})
+    split.loc[index["filename"] == TWIN_LC, "split"] = "test"
+    split.loc[index["slide"] == "13412", "split"] = "test"
+    split.loc[index["filename"] == TWIN_DC, "split"] = "train"  # same slide key, two sides
+    split.to_csv(tmp_path / "s.csv", index=False)
+    with pytest.raises(UserError):
+        run_training(_cfg(breakhis_real, tmp_path, split_file=str(tmp_path / "s.csv")))
+
+
+def test_group_by_accession_joins_slides(full_index):
+    slide = apply_group_by(full_index, "slide")
+    acc = apply_group_by(full_index, "accession")
+    assert slide["patient"].nunique() == 81
+    joined = set(acc.loc[acc["slide"].isin(["22549AB", "22549CD", "22549G"]), "patient"])
+    assert joined == {"22549"} and acc["patient"].nunique() < 81
+    for _, split in plan_folds(
+        full_index, SplitOptions(protocol="patient", group_by="accession", seed=0)
+    ).folds:
+        sides = split.assign(acc=split["slide"].str.extract(r"^(\d+)", expand=False))
+        assert sides.groupby("acc")["split"].nunique().max() == 1
+
+
+# -- selection on the reported data -----------------------------------------------------------
+
+
+def test_cv_reports_test_folds_chosen_without_looking(breakhis_real, tmp_path):
+    res = run_training(_cfg(breakhis_real, tmp_path, protocol="cv", cv=3, run="cv"))
+    r = res.results
+    assert sorted(r.loc[r["split"] == "test", "fold"]) == [1, 2, 3]
+    assert r.loc[r["split"] == "test", "model_selection"].eq(False).all()
+    split = pd.read_csv(tmp_path / "trained_models/cv/split.csv")
+    index = index_breakhis(breakhis_real).set_index("relpath")["patient"]
+    for k in (1, 2, 3):
+        f = split[split["fold"] == k].assign(patient=lambda d: d["path"].map(index))
+        test = set(f.loc[f["split"] == "test", "patient"])
+        assert test and test.isdisjoint(f.loc[f["split"] != "test", "patient"])
+    tested = pd.concat(
+        [split[(split["fold"] == k) & (split["split"] == "test")] for k in (1, 2, 3)]
+    )
+    assert tested["path"].is_unique and len(tested) == 148  # every image reported once
+
+
+def test_no_validation_refused_or_last_head_kept(breakhis_sample, tmp_path):
+    index = index_breakhis(breakhis_sample)
+    sides = np.where(index["patient"].isin(index["patient"].unique()[:4]), "test", "train")
+    pd.DataFrame({"path": index["relpath"], "split": sides}).to_csv(tmp_path / "s.csv", index=False)
+    kw = dict(split_file=str(tmp_path / "s.csv"))
+    with pytest.raises(UserError, match="no validation images .* --select last"):
+        run_training(_cfg(breakhis_sample, tmp_path, run="a", **kw))
+    t = TrainConfig(epochs=4, head="linear", select="last")
+    res = run_training(_cfg(breakhis_sample, tmp_path, run="b", train=t, **kw))
+    assert res.results["best_epoch"].tolist() == [4] and res.results["split"].tolist() == ["test"]
+
+
+def test_eva_val_is_labelled_selected(full_tree, tmp_path):
+    from breakhis_tl.metrics import fold_table
+
+    results = pd.DataFrame(
+        {
+            "arch": ["a", "a"],
+            "fold": [None, None],
+            "repeat": [1, 1],
+            "split": ["val", "test"],
+            "balanced_accuracy": [0.9, 0.7],
+        }
+    )
+    assert fold_table(results, ["balanced_accuracy"])["split"].tolist() == [
+        "val (selected)",
+        "test",
+    ]
+    index = index_breakhis(full_tree)
+    plain = dict(plan_folds(index, SplitOptions(protocol="eva", task="subtype")).folds)[None]
+    held = plan_folds(index, SplitOptions(protocol="eva", task="subtype", eva_holdout=True))
+    held = held.folds[0][1]
+    assert set(plain["split"]) == {"train", "val"}
+    assert set(held.loc[held["split"] == "test", "slide"]) == set(
+        plain.loc[plain["split"] == "val", "slide"]
+    )  # eva's 14 slides become an untouched test set
+    assert set(held["split"]) == {"train", "val", "test"}
+
+
+# -- baselines and determinism ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_random_init_gives_finite_varying_features(arch, breakhis_sample):
+    paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))
+    bb = calibrate(build_backbone(arch, "none", seed=0), paths[:8], seed=0)
+    ((f, ok),), _ = extract(
+        paths[8:], [Request(bb, 0, np.arange(6))], None, workers=0, progress=False
+    )
+    check_features(arch, f, ok)  # raises on inf/NaN or constant features
+    x = f.float()
+    assert torch.isfinite(x).all() and (x.std(0) > 0).float().mean() > 0.5, arch
+
+
+def test_uncalibrated_random_init_is_degenerate_and_stopped(breakhis_sample):
+    """What `--weights none` gave before: batch-norm at 0/1 statistics kills the signal."""
+    paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))[:6]
+    bb = build_backbone("mobilenet_v2", "none", seed=0)
+    ((f, ok),), _ = extract(paths, [Request(bb, 0, np.arange(6))], None, workers=0, progress=False)
+    with pytest.raises(UserError, match="mobilenet_v2 features are"):
+        check_features("mobilenet_v2", f, ok)
+
+
+def test_head_is_the_same_alone_or_in_a_larger_run(breakhis_real, tmp_path):
+    t = TrainConfig(epochs=3, head="linear")
+    kw = dict(weights="default,mobilenet_v2=none", train=t, protocol="cv", cv=3)
+    run_training(_cfg(breakhis_real, tmp_path, archs=["mobilenet_v2"], run="alone", fold="2", **kw))
+    run_training(
+        _cfg(
+            breakhis_real,
+            tmp_path,
+            archs=["efficientnet_lite0", "mobilenet_v2"],
+            run="together",
+            **kw,
+        )
+    )
+    _, a = read_head_file(tmp_path / "trained_models/alone/mobilenet_v2_fold2.pt")
+    _, b = read_head_file(tmp_path / "trained_models/together/mobilenet_v2_fold2.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changing_magnification_or_seed_extracts_nothing_new(breakhis_real, tmp_path, caplog):
+    run_training(_cfg(breakhis_real, tmp_path, run="all"))
+    with caplog.at_level(logging.INFO):
+        run_training(_cfg(breakhis_real, tmp_path, run="mag", magnification="100X"))
+        run_training(_cfg(breakhis_real, tmp_path, run="seed", train=TrainConfig(epochs=3, seed=5)))
+    assert caplog.text.count("Feature cache used: nothing extracted") == 2
+
+
+def test_predict_refuses_a_backbone_whose_weights_changed(sample_run, monkeypatch):
+    from breakhis_tl import backbones
+    from breakhis_tl.predict import Classifier
+
+    _, res = sample_run
+    head = res.heads["efficientnet_lite0"]
+    Classifier.from_head(head)  # same weights: fine
+    monkeypatch.setattr(backbones, "default_weights_id", lambda name: "lite0-imagenet-other")
+    with pytest.raises(UserError, match="features would not be the ones the head learned"):
+        Classifier.from_head(head)
+
+
+# -- outputs ---------------------------------------------------------------------------------
+
+
+def test_run_name_reuse_refused_or_replaced_whole(breakhis_sample, tmp_path):
+    run_training(_cfg(breakhis_sample, tmp_path, run="r", archs=["efficientnet_lite0"]))
+    with pytest.raises(UserError, match="Run name 'r' is already used .* --overwrite"):
+        run_training(_cfg(breakhis_sample, tmp_path, run="r"))
+    cfg = _cfg(
+        breakhis_sample, tmp_path, run="r", archs=["mobilenet_v2"], weights="none", overwrite=True
+    )
+    run_training(cfg)
+    heads = sorted(p.name for p in (tmp_path / "trained_models/r").glob("*.pt"))
+    assert heads == ["mobilenet_v2.pt"]  # the older run's head is gone, not mixed in
+    assert not list((tmp_path / "trained_models/r").glob(".*tmp"))
+
+
+def test_repeats_give_one_head_per_seed(breakhis_sample, tmp_path):
+    res = run_training(_cfg(breakhis_sample, tmp_path, run="rep", repeats=2))
+    assert sorted(res.heads) == ["efficientnet_lite0_rep1", "efficientnet_lite0_rep2"]
+    assert sorted(res.results["repeat"]) == [1, 1, 2, 2]
+    seeds = {read_head_file(p)[0]["head_seed"] for p in res.heads.values()}
+    assert len(seeds) == 2
+
+
+def test_eva_protocol_and_recipe_end_to_end_on_real_images(breakhis_real, tmp_path):
+    """`train --protocol eva --recipe eva`: eva's 4 classes at 40X, its val slides, its head
+    recipe and 5 runs; every output names the recipe."""
+    res = run_training(_cfg(breakhis_real, tmp_path, run="eva", protocol="eva", recipe="eva"))
+    r = res.results
+    assert len(res.heads) == 5 and set(r["recipe"]) == {"eva"} and set(r["split"]) == {"val"}
+    assert r["model_selection"].all()  # eva selects and reports on val: labelled as such
+    meta, _ = read_head_file(res.heads["efficientnet_lite0_rep1"])
+    assert meta["recipe"] == "eva" and meta["head"] == "linear"
+    assert meta["train"]["lr"] == 3e-4 and meta["train"]["max_steps"] == 12_500
+    assert meta["train"]["class_weighted"] is False and meta["train"]["patience"] == 500
+    assert meta["classes"] == ["F", "TA", "DC", "MC"]
