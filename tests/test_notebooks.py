@@ -1,19 +1,24 @@
-"""The notebooks run end to end on the sample (papermill) and are committed without outputs."""
+"""The notebooks run end to end on real BreakHis images (papermill) and are committed without
+outputs and without logic of their own."""
 
 import ast
 import json
+from pathlib import Path
 
 import nbformat
 import pandas as pd
 import papermill as pm
 import pytest
-from conftest import REPO
+from conftest import REPO, _shared
 
 from breakhis_tl.cli import main
 
 NOTEBOOKS = REPO / "notebooks"
 TRAINING_PARAMS = {
     "data_dir",
+    "group_by",
+    "recipe",
+    "repeats",
     "dataset",
     "archs",
     "weights",
@@ -64,7 +69,7 @@ def test_training_parameters_match_the_command_line():
         for t in ast.walk(ast.parse(_code_cells("02_analysis.ipynb")[0].source))
         if isinstance(t, ast.Name)
     }
-    assert {"out_dir", "run_name", "data_dir"} <= analysis
+    assert {"out_dir", "run_name", "data_dir", "leakage_seeds", "group_by_study"} <= analysis
 
 
 def _run(name, out, params):
@@ -89,59 +94,79 @@ def _images(nb):
     )
 
 
-def test_training_then_analysis_notebooks(breakhis_sample, tmp_path):
-    out = tmp_path / "outputs"
+def _text(nb):
+    """Everything a reader sees: printed text and the HTML of displayed tables."""
+    out = []
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            out.append(o.get("text", ""))
+            out.append(o.get("data", {}).get("text/html", ""))
+            out.append(o.get("data", {}).get("text/plain", ""))
+            out.append(o.get("data", {}).get("text/markdown", ""))
+    return "".join(out)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """One output folder for the module: its feature cache serves every run in it."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
+def test_training_then_analysis_notebooks(out, tmp_path):
+    data = _shared("breakhis_real")
     trained = _run("01_training.ipynb", tmp_path / "01.ipynb", {
-        "data_dir": str(breakhis_sample), "archs": ["efficientnet_lite0", "mobilenet_v2"],
-        "weights": "default,mobilenet_v2=none", "epochs": 3, "run_name": "nb",
-        "out_dir": str(out),
+        "data_dir": str(data), "archs": ["efficientnet_lite0"], "epochs": 3, "run_name": "nb",
+        "out_dir": str(out), "group_by": "slide", "repeats": 1,
     })  # fmt: skip
     models = out / "trained_models" / "nb"
-    for f in ("efficientnet_lite0.pt", "mobilenet_v2.pt", "results.csv", "predictions.csv"):
+    for f in ("efficientnet_lite0.pt", "results.csv", "predictions.csv", "config.json"):
         assert (models / f).is_file()
-    assert len(pd.read_csv(models / "results.csv")) == 4
-    assert (out / "summary_writers" / "nb" / "mobilenet_v2").is_dir()
+    assert len(pd.read_csv(models / "results.csv")) == 2  # val and test
+    assert (out / "summary_writers" / "nb").is_dir()
     assert (out / "validation_graphs" / "nb" / "compare_f1.png").is_file()
-    # a sample grid and one curves figure per architecture, shown inline
-    assert _images(trained) >= 3
-    text = "".join(o.get("text", "") for c in trained.cells for o in c.get("outputs", []))
+    assert _images(trained) >= 2  # a sample grid and the curves figure, inline
+    text = _text(trained)
     assert "Leakage check: passed" in text and "tensorboard" in "".join(
         c.source for c in trained.cells
     )
+    assert "with dropout" not in "".join(c.source for c in trained.cells)
 
+    # data_dir is not given: the analysis reads the run's data, task and magnification
     analysed = _run("02_analysis.ipynb", tmp_path / "02.ipynb", {
-        "out_dir": str(out), "run_name": "nb", "data_dir": str(breakhis_sample),
-        "leakage_epochs": 3, "cam_images": 2,
+        "out_dir": str(out), "run_name": "nb", "leakage_epochs": 3, "leakage_seeds": 2,
+        "leakage_test_frac": 0.3, "cam_images": 2,
     })  # fmt: skip
-    assert _images(analysed) >= 4  # confusion matrices, ROC, Grad-CAM grids
+    assert _images(analysed) >= 3  # confusion matrix, ROC, Grad-CAM grid
     assert len(list((models / "gradcam" / "efficientnet_lite0").glob("*.png"))) == 2
-    for protocol in ("random", "patient"):
-        assert (out / "trained_models" / f"nb_leakage_{protocol}" / "results.csv").is_file()
+    text = _text(analysed)
+    assert "bal. acc. 95% CI" in text and "caveat" in text  # the interval fits the page
+    assert "patient-bootstrap interval [" in text  # the conclusion is computed from the run
+    assert "patient-level rate" in text and "majority vote" in text
+    assert "test patients raised" in text or "test patients lowered" in text
+    assert "over 2 seeds" in text
+    runs = {p.name for p in (out / "trained_models").iterdir()}
+    leak = sorted(r for r in runs if r.startswith("nb_leakage_"))
+    assert [r.rsplit("_", 1)[1] for r in leak] == ["leaky", "patient"]
+    config = json.loads((out / "trained_models" / leak[0] / "config.json").read_text())
+    assert config["task"] == "binary" and config["config"]["repeats"] == 2
+    assert Path(config["data"]) == data.resolve()
+    assert len([r for r in runs if r.startswith("nb_groupby_")]) == 2
+    assert "accession" in text
 
 
-def test_analysis_notebook_on_a_command_line_run(breakhis_sample, tmp_path):
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(breakhis_sample),
-                "--archs",
-                "efficientnet_lite0",
-                "--epochs",
-                "2",
-                "--out",
-                str(tmp_path),
-                "--run",
-                "cli",
-                "--workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+def test_analysis_notebook_on_a_command_line_run(out, tmp_path):
+    data = _shared("breakhis_real")
+    argv = ["train", "--data", str(data), "--archs", "efficientnet_lite0", "--epochs", "2",
+            "--magnification", "40X,100X", "--out", str(out), "--run", "cli",
+            "--workers", "0"]  # fmt: skip
+    assert main(argv) == 0
     analysed = _run("02_analysis.ipynb", tmp_path / "02.ipynb", {
-        "out_dir": str(tmp_path), "run_name": "cli", "data_dir": str(breakhis_sample),
-        "leakage_epochs": 2, "cam_images": 1,
+        "out_dir": str(out), "run_name": "cli", "leakage_epochs": 2, "leakage_seeds": 2,
+        "leakage_test_frac": 0.3, "cam_images": 1, "group_by_study": False,
     })  # fmt: skip
     assert _images(analysed) >= 3
+    text = _text(analysed)
+    assert "magnification 40X,100X" in text and "over 2 seeds" in text
+    leak = [p for p in (out / "trained_models").iterdir() if p.name.startswith("cli_leakage_")]
+    mags = pd.read_csv(leak[0] / "predictions.csv")["magnification"]
+    assert set(mags) <= {40, 100}
