@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="compute mode of the backbones: auto (the fastest measured here whose features "
+        "match fp32), fp32 or bf16",
+    )
     p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
     p.add_argument("--run", default=None, help="run name (default: a timestamp)")
@@ -208,6 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing run of that name, whole"
     )
     p.add_argument("--out", default=".", help="folder for the output folders (default: .)")
+    p = sub.add_parser(
+        "extract",
+        help="extract features into the cache only (sharded across processes if asked)",
+        description="Extract frozen-backbone features of the images `train` would use with the "
+        "same options into the feature cache, and nothing else; `train` then reads them. "
+        "--shard i/N (or RANK and WORLD_SIZE from torchrun) extracts one disjoint part, so N "
+        "processes sharing the cache folder split the work.",
+    )
+    _data_args(p, data_required=False)
+    _split_args(p)
+    p.add_argument("--archs", default="all", help="comma-separated architectures, or all")
+    p.add_argument("--weights", default="default", help="default, none or a weights file")
+    p.add_argument("--fold", default=None, help="fold K or all (as for train)")
+    p.add_argument("--cv", type=positive_int, default=None, help="K-fold cross-validation")
+    p.add_argument("--split-file", default=None, help="a split written by `split --out`")
+    p.add_argument("--views", type=positive_int, default=1, help="views per training image")
+    p.add_argument("--shard", default=None, help="i/N: this process's part (0-based)")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
+    p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
+    p.add_argument("--out", default=".", help="folder holding data/ (default: .)")
+
     p = sub.add_parser(
         "predict",
         help="classify images with a saved head",
@@ -346,7 +376,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         split_file=args.split_file, folds_csv=args.folds_csv, eva_holdout=args.eva_holdout,
         val_frac=args.val_frac, test_frac=args.test_frac, recipe=args.recipe,
         repeats=args.repeats, views=args.views, no_cache=args.no_cache, strict=args.strict,
-        device=args.device, run=args.run, overwrite=args.overwrite, out=args.out,
+        device=args.device, precision=args.precision, run=args.run, overwrite=args.overwrite,
+        out=args.out,
         cache_dir=args.cache_dir, workers=args.workers,
         train=TrainConfig(
             head=args.head, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
@@ -375,6 +406,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         print("Interrupted: the best heads so far, logs and graphs are saved.", file=sys.stderr)
         return 130
+    return 0
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`i/N`, or torchrun's RANK and WORLD_SIZE (and a SLURM array's task id and count)."""
+    import os
+
+    if text is None:
+        env = os.environ
+        if "RANK" in env and "WORLD_SIZE" in env:
+            text = f"{env['RANK']}/{env['WORLD_SIZE']}"
+        elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            text = f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{env['SLURM_ARRAY_TASK_COUNT']}"
+        else:
+            return None
+    i, sep, n = text.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit() and int(i) < int(n)):
+        raise UserError(f"--shard must be i/N with 0 <= i < N, not {text!r}.")
+    return int(i), int(n)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from breakhis_tl.backbones import parse_archs
+    from breakhis_tl.runner import RunConfig, run_extraction
+    from breakhis_tl.training import TrainConfig
+
+    shard = parse_shard(args.shard)
+    cfg = RunConfig(
+        data=args.data, dataset=args.dataset, archs=parse_archs(args.archs),
+        weights=args.weights, task=args.task, magnification=args.magnification,
+        protocol=args.protocol, group_by=args.group_by, fold=args.fold, cv=args.cv,
+        split_file=args.split_file, folds_csv=args.folds_csv, eva_holdout=args.eva_holdout,
+        val_frac=args.val_frac, test_frac=args.test_frac, views=args.views, strict=args.strict,
+        device=args.device, precision=args.precision, out=args.out, cache_dir=args.cache_dir,
+        workers=args.workers, train=TrainConfig(seed=args.seed),
+    )  # fmt: skip
+    done = run_extraction(cfg, shard)
+    part = f" (shard {shard[0]} of {shard[1]})" if shard else ""
+    print(f"{done['extracted']} image feature(s) extracted{part} of {done['images']} images, "
+          f"{done['failed']} unreadable; cache: {done['cache']}.")  # fmt: skip
+    for arch, mode in done["modes"].items():
+        print(f"  {arch}: {mode}")
     return 0
 
 
@@ -474,6 +548,7 @@ COMMANDS = {
     "index": cmd_index,
     "split": cmd_split,
     "train": cmd_train,
+    "extract": cmd_extract,
     "predict": cmd_predict,
     "evaluate": cmd_evaluate,
 }

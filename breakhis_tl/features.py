@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,13 @@ from breakhis_tl import __version__
 from breakhis_tl.backbones import Backbone
 from breakhis_tl.dataset import ImageDataset, make_loader
 from breakhis_tl.errors import UserError
+from breakhis_tl.fastpath import (  # noqa: F401 (re-exported: the extraction API)
+    FastPath,
+    cpu_supports_bf16,
+    fast_path,
+    prepare,
+    run_backbone,
+)
 from breakhis_tl.feature_cache import FeatureCache, Lookup, space_key
 from breakhis_tl.identity import ImageStore
 from breakhis_tl.transforms import decode_transform, dihedral, normalize
@@ -52,54 +58,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@dataclass(frozen=True)
-class FastPath:
-    """How a batch goes through a backbone: autocast dtype (None = fp32) and memory format."""
-
-    autocast: torch.dtype | None
-    channels_last: bool
-
-    def describe(self) -> str:
-        dtype = str(self.autocast).replace("torch.", "") if self.autocast else "fp32"
-        return f"{dtype}{' + channels_last' if self.channels_last else ''}"
-
-
-def fast_path(device: torch.device, optimised: bool = True) -> FastPath:
-    """bf16 autocast where the CPU has bf16 kernels (2-4x there); without them bf16 is slower
-    than fp32 (measured 5x slower on an AVX2-only EPYC), so fp32 + channels_last is kept."""
-    if not optimised:
-        return FastPath(None, False)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return FastPath(dtype, True)
-    if device.type == "cpu":
-        return FastPath(torch.bfloat16 if cpu_supports_bf16() else None, True)
-    return FastPath(None, False)
-
-
-def run_backbone(bb: Backbone, x: torch.Tensor, path: FastPath) -> torch.Tensor:
-    """Normalised float batch -> fp32 features, on the backbone's device."""
-    if path.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast(x.device.type, dtype=path.autocast) if path.autocast else nullcontext()
-    with torch.inference_mode(), ctx:
-        return bb.module(x).float()
-
-
-def prepare(bb: Backbone, device: torch.device, path: FastPath) -> Backbone:
-    bb.module.to(device)
-    if path.channels_last:
-        bb.module.to(memory_format=torch.channels_last)
-    return bb
-
-
 def feature_space(bb: Backbone, view: int, fp: FastPath, stain: str = "none") -> str:
     """Everything a feature depends on but the image: features differ by compute dtype
     (bf16 against fp32: cosine 0.997), so the mode is part of the key."""
@@ -116,6 +74,7 @@ class Request:
     backbone: Backbone
     view: int
     rows: np.ndarray
+    path: FastPath | None = None  # compute mode (None: the device's default fast path)
 
 
 @dataclass
@@ -131,6 +90,7 @@ class ExtractionReport:
 @dataclass
 class _Slot:
     req: Request
+    path: FastPath
     space: str
     feats: torch.Tensor
     ok: torch.Tensor
@@ -160,8 +120,10 @@ def extract(
     report = ExtractionReport()
     store = store or ImageStore(cache.root.parent / "images.sqlite" if cache else None)
     ids = store.content_ids(paths)
-    fp = fast_path(device, optimised)
-    slots = [_lookup(req, ids, paths, cache, fp, strict, report) for req in requests]
+    default = fast_path(device, optimised)
+    slots = [
+        _lookup(req, ids, paths, cache, req.path or default, strict, report) for req in requests
+    ]
     if shard is not None:
         for s in slots:
             s.todo = np.array([p for p in s.todo if in_shard(ids[s.req.rows[p]], shard)], int)
@@ -174,8 +136,8 @@ def extract(
         else:
             report.cached.append(name)
     for group in groups.values():
-        _extract_group(paths, ids, group, cache, device, fp, batch_size, workers, strict,
-                       progress, report)  # fmt: skip
+        _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
+                       report)  # fmt: skip
     _warn(report)
     return [(s.feats, s.ok) for s in slots], report
 
@@ -204,7 +166,7 @@ def _lookup(req, ids, paths, cache, fp, strict, report) -> _Slot:
         if strict:
             raise UserError(f"{msg} (--strict stops at the first unreadable image).")
     todo = np.flatnonzero(~hit.found.numpy())
-    return _Slot(req, space, hit.feats, hit.ok, todo)
+    return _Slot(req, fp, space, hit.feats, hit.ok, todo)
 
 
 def _warn(report: ExtractionReport) -> None:
@@ -224,32 +186,30 @@ def _warn(report: ExtractionReport) -> None:
 CHUNK_IMAGES = 4096  # images decoded between cache writes: a killed run keeps the rest
 
 
-def _extract_group(paths, ids, group, cache, device, fp, batch_size, workers, strict,
-                   progress, report) -> None:  # fmt: skip
+def _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
+                   report) -> None:  # fmt: skip
     prep = group[0].req.backbone.prep
     needed = sorted(set().union(*({int(s.req.rows[p]) for p in s.todo} for s in group)))
-    backbones = {}
     for s in group:
-        backbones.setdefault(id(s.req.backbone), prepare(s.req.backbone, device, fp))
+        prepare(s.req.backbone, device, s.path)
     log.info(
-        "Extracting features of %d images with %s (%s on %s).",
+        "Extracting features of %d images with %s on %s.",
         len(needed),
-        ", ".join(dict.fromkeys(s.req.backbone.name for s in group)),
-        fp.describe(),
+        ", ".join(dict.fromkeys(f"{s.req.backbone.name} ({s.path.describe()})" for s in group)),
         device,
     )
     bar = tqdm(total=len(needed), desc=f"features {prep.input_size}px", unit="img",
                disable=not progress)  # fmt: skip
     for start in range(0, len(needed), CHUNK_IMAGES):
         block = needed[start : start + CHUNK_IMAGES]
-        done = _run_block(paths, block, group, device, fp, batch_size, workers, strict, report)
+        done = _run_block(paths, block, group, device, batch_size, workers, strict, report)
         bar.update(len(block))
         if cache is not None:
             _save_block(cache, ids, paths, block, done, group, report)
     bar.close()
 
 
-def _run_block(paths, block, group, device, fp, batch_size, workers, strict, report) -> dict:
+def _run_block(paths, block, group, device, batch_size, workers, strict, report) -> dict:
     """Decode each image of `block` once; every view of every backbone from that decode."""
     prep = group[0].req.backbone.prep
     ds = ImageDataset([paths[i] for i in block], decode_transform(prep), labels=block)
@@ -281,7 +241,7 @@ def _run_block(paths, block, group, device, fp, batch_size, workers, strict, rep
                 nk = (bb.prep.mean, bb.prep.std)
                 if nk not in normalized:
                     normalized[nk] = normalize(xv, bb.prep)
-                f = run_backbone(bb, normalized[nk][keep], fp)
+                f = run_backbone(bb, normalized[nk][keep], s.path)
                 s.feats[where[keep]] = f.to("cpu", torch.float16)
                 s.ok[where[keep]] = True
                 report.images_extracted += int(keep.sum())

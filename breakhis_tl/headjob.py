@@ -70,6 +70,13 @@ class TrainingData:
     skipped: list[str]
 
 
+def job_mode(ctx, job: HeadJob):
+    """The compute mode this head's features came from (it is in their cache key)."""
+    from breakhis_tl.fastpath import fast_path
+
+    return ctx.modes.get((job.backbone.name, job.backbone.weights_id)) or fast_path(ctx.device)
+
+
 def training_data(ctx, job: HeadJob) -> TrainingData:
     """Cached features (with the cached views of training images), or end to end."""
     cfg, t = ctx.cfg, ctx.cfg.train
@@ -77,7 +84,7 @@ def training_data(ctx, job: HeadJob) -> TrainingData:
     paths = job.split["path"].tolist()
     if cfg.no_cache:
         tr = np.flatnonzero(side == "train")
-        bb, fp, workers = job.backbone, ctx.fp, cfg.workers
+        bb, fp, workers = job.backbone, job_mode(ctx, job), cfg.workers
         batches = end_to_end_batches(
             bb, [paths[i] for i in tr], job.y[tr], t.batch_size, job.seed, ctx.device, fp, workers
         )
@@ -138,8 +145,8 @@ def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, 
     writer = ctx.writers[job.name]
     log.info("Training a %s head: %s (%d classes).", t.head, job.name, len(ctx.classes))
     if t.head == "logreg":
-        return fit_logreg(data.batches, evaluate_val, ctx.classes, t,
-                          on_epoch=lambda e, logs: log_epoch(writer, e, logs), seed=job.seed)  # fmt: skip
+        on_epoch = lambda e, logs: log_epoch(writer, e, logs)  # noqa: E731
+        return fit_logreg(data.batches, evaluate_val, ctx.classes, t, on_epoch, seed=job.seed)
     result = fit(head, data.batches, evaluate_val, data.labels, ctx.classes, t,
                  on_epoch=lambda e, logs: log_epoch(writer, e, logs),
                  should_stop=lambda: ctx.stop.stop, device=ctx.device, seed=job.seed)  # fmt: skip
@@ -174,7 +181,7 @@ def result_rows(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
             "test_twins_in_train": job.twins if s == "test" else 0,
             "weights": job.backbone.weights_id, "head": t.head, "recipe": cfg.recipe,
             "select": t.select, "task": ctx.task, "protocol": ctx.protocol,
-            "group_by": ctx.group_by, "views": cfg.views, "compute": ctx.fp.describe(),
+            "group_by": ctx.group_by, "views": cfg.views, "compute": job_mode(ctx, job).describe(),
             "cached": not cfg.no_cache, "interrupted": result.interrupted,
         })  # fmt: skip
     return rows
@@ -203,7 +210,8 @@ def head_record(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
     return {
         "arch": bb.name, "weights": bb.weights, "weights_id": bb.weights_id,
         "feature_dim": bb.feature_dim, "classes": ctx.classes, "prep": bb.prep.to_dict(),
-        "compute": ctx.fp.describe(), "task": ctx.task, "dataset": cfg.dataset,
+        "compute": job_mode(ctx, job).describe(), "compute_mode": job_mode(ctx, job).to_dict(),
+        "task": ctx.task, "dataset": cfg.dataset,
         "protocol": ctx.protocol, "group_by": ctx.group_by, "recipe": cfg.recipe,
         "magnification": cfg.magnification, "fold": job.fold, "repeat": job.repeat,
         "seed": t.seed, "head_seed": job.seed, "head": t.head, "hidden": t.hidden,

@@ -80,6 +80,23 @@ class _InputDataset(Dataset):
         return self.decode(im), i, i, "", im.size
 
 
+def head_mode(meta: dict, device: torch.device):
+    """The compute mode the head's training features came from, where this machine has it
+    (features differ by dtype); else this machine's default fast path."""
+    from breakhis_tl.fastpath import FastPath, cpu_supports_bf16
+
+    try:
+        mode = FastPath.from_dict(meta["compute_mode"])
+    except (KeyError, TypeError, ValueError):
+        return fast_path(device)
+    low = mode.autocast is not None
+    if device.type == "cpu" and low and not cpu_supports_bf16():
+        return fast_path(device)
+    if device.type not in ("cpu", "cuda") or (mode.compiled and device.type != "cuda"):
+        return fast_path(device)
+    return mode
+
+
 def patient_of(name: str) -> str | None:
     """Patient (slide) id from a BreakHis or IDC file name; None for other names."""
     base = Path(name).name
@@ -125,7 +142,7 @@ class Classifier:
         self.classes: list[str] = list(meta["classes"])
         self.prep = Preprocessing.from_dict(meta["prep"])
         self.dataset = head_dataset(meta)
-        self.path = fast_path(device)
+        self.path = head_mode(meta, device)
         prepare(backbone, device, self.path)
         head.to(device).eval()
 

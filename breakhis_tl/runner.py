@@ -23,8 +23,8 @@ import torch
 from breakhis_tl import __version__, headjob
 from breakhis_tl.backbones import DEFAULT_ARCHS, Backbone, build_backbone, check_arch
 from breakhis_tl.errors import UserError
+from breakhis_tl.fastpath import PRECISIONS, choose
 from breakhis_tl.features import (
-    FastPath,
     FeatureCache,
     Request,
     check_features,
@@ -79,6 +79,7 @@ class RunConfig:
     no_cache: bool = False  # end to end: backbone pass every epoch (slow baseline)
     strict: bool = False  # stop at the first unreadable image instead of skipping it
     device: str = "auto"
+    precision: str = "auto"  # compute mode: auto (measured per backbone), fp32 or bf16
     run: str | None = None  # run name; default: a timestamp
     overwrite: bool = False  # replace an existing run of that name, whole
     out: str = "."  # where summary_writers/, validation_graphs/, trained_models/ go
@@ -157,6 +158,10 @@ def validate(cfg: RunConfig) -> None:
         (1 <= cfg.views <= N_VIEWS, f"--views must be between 1 and {N_VIEWS}, not {cfg.views}."),
         (cfg.cv is None or cfg.cv >= 2, f"--cv must be at least 2, not {cfg.cv}."),
         (cfg.repeats >= 1, f"--repeats must be at least 1, not {cfg.repeats}."),
+        (
+            cfg.precision in PRECISIONS,
+            f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}.",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -282,7 +287,40 @@ def build_backbones(cfg: RunConfig, data: Data) -> dict[tuple[str, int | None], 
     return out
 
 
-def extract_features(cfg, data: Data, backbones, device, cache, store):
+def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=None) -> dict:
+    """(arch, weights id) -> the compute mode measured fastest here whose features match
+    fp32 (`fastpath.choose`), remembered per machine in dispatch.json. Sharded extraction
+    must agree on it (features differ by mode): shard 0 measures, the others wait for its
+    decision in the shared folder."""
+    import os
+
+    folder = Path(os.environ.get("BREAKHIS_TL_DISPATCH_DIR") or cache_root)
+    if cfg.no_cache and cfg.precision == "auto":
+        return {}
+    modes = {}
+    for bb in {id(b): b for b in backbones.values()}.values():
+        if shard is not None and shard[0] != 0:
+            _wait_for_decision(bb, device, cfg.precision, folder)
+        modes[(bb.name, bb.weights_id)] = choose(bb, device, cfg.precision, cache_dir=folder)
+    return modes
+
+
+def _wait_for_decision(bb, device, precision: str, folder: Path, timeout: float = 1800) -> None:
+    import time
+
+    from breakhis_tl.fastpath import _read_cache, dispatch_key
+
+    key, start = dispatch_key(bb, device, precision), time.monotonic()
+    while key not in _read_cache(folder):
+        if time.monotonic() - start > timeout:
+            raise UserError(
+                f"Shard 0 has not written its compute-mode decision for {bb.name} to "
+                f"{folder / 'dispatch.json'} in {timeout:.0f} s; is shard 0 running?"
+            )
+        time.sleep(2)
+
+
+def extract_features(cfg, data: Data, backbones, device, cache, store, modes, shard=None):
     """Each distinct backbone over every image, its views over the training images."""
     rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
     distinct, train_rows = {}, {}
@@ -295,13 +333,13 @@ def extract_features(cfg, data: Data, backbones, device, cache, store):
     all_rows = np.arange(len(data.images))
     requests, view_pos = [], {}
     for key, bb in distinct.items():
-        requests.append(Request(bb, 0, all_rows))
+        requests.append(Request(bb, 0, all_rows, modes.get(key)))
         vr = np.array(sorted(train_rows[key]), dtype=np.int64)
         view_pos[key] = {int(r): i for i, r in enumerate(vr)}
-        requests += [Request(bb, v, vr) for v in range(1, cfg.views)]
+        requests += [Request(bb, v, vr, modes.get(key)) for v in range(1, cfg.views)]
     paths = data.images["path"].tolist()
     got, report = extract(paths, requests, cache, device, cfg.extract_batch, cfg.workers,
-                          cfg.strict, progress=cfg.progress, store=store)  # fmt: skip
+                          cfg.strict, progress=cfg.progress, store=store, shard=shard)  # fmt: skip
     feats = {}
     for req, (f, ok) in zip(requests, got, strict=True):
         feats[(req.backbone.name, req.backbone.weights_id, req.view)] = (f, ok)
@@ -313,6 +351,29 @@ def extract_features(cfg, data: Data, backbones, device, cache, store):
     else:
         log.info("Feature cache used: nothing extracted (%d entries).", len(report.cached))
     return feats, view_pos, report
+
+
+def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict:
+    """Features only, into the cache (eva's embedding step): the same data, split, backbones
+    and views as `train` with these options, so a later `train` reads everything from the
+    cache. `shard=(i, n)`: only the images whose content id falls in shard i of n, so n
+    processes sharing a cache folder split the work with no other coordination."""
+    cfg = apply_recipe(cfg)
+    validate(cfg)
+    device = pick_device(cfg.device)
+    task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "data" / "cache"
+    store = ImageStore(cache_root / "images.sqlite")
+    classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
+    data = prepare_data(cfg, task, classes)
+    backbones = build_backbones(cfg, data)
+    check_pictures(cfg, data, task, store)
+    modes = compute_modes(cfg, backbones, device, cache_root, shard)
+    cache = FeatureCache(cache_root / "features")
+    _, _, report = extract_features(cfg, data, backbones, device, cache, store, modes, shard)
+    return {"images": len(data.images), "extracted": report.images_extracted,
+            "failed": len(report.failed), "cache": str(cache.root),
+            "modes": {f"{a}": m.describe() for (a, _), m in modes.items()}}  # fmt: skip
 
 
 @dataclass
@@ -327,7 +388,7 @@ class _Context:
     group_by: str
     command: str
     device: torch.device
-    fp: FastPath
+    modes: dict  # (arch, weights id) -> FastPath
     folders: dict[str, Path]
     feats: dict  # (arch, weights id, view) -> (fp16 features, ok mask)
     view_pos: dict  # (arch, weights id) -> {image row: position in that view's features}
@@ -397,18 +458,20 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     data = prepare_data(cfg, task, classes)
     backbones = build_backbones(cfg, data)  # a missing weights file stops the run here
     check_pictures(cfg, data, task, store)
-    fp = fast_path(device)
+    modes = compute_modes(cfg, backbones, device, cache_root)
     feats, view_pos, report = {}, {}, None
     if cfg.no_cache:
         for bb in {id(b): b for b in backbones.values()}.values():
-            prepare(bb, device, fp)
+            prepare(bb, device, modes.get((bb.name, bb.weights_id), fast_path(device)))
     else:
         cache = FeatureCache(cache_root / "features")
-        feats, view_pos, report = extract_features(cfg, data, backbones, device, cache, store)
+        feats, view_pos, report = extract_features(
+            cfg, data, backbones, device, cache, store, modes
+        )
     open_run_folders(folders, cfg.overwrite)
     write_split(data.plan, folders["models"] / "split.csv")
     ctx = _Context(cfg, run, task, classes, data.plan.protocol, data.plan.group_by, command,
-                   device, fp, folders, feats, view_pos, StopFlag(), versions())  # fmt: skip
+                   device, modes, folders, feats, view_pos, StopFlag(), versions())  # fmt: skip
     jobs = head_jobs(cfg, data, backbones)
     ctx.hparam_domains = {
         "arch": sorted({j.backbone.name for j in jobs}),
@@ -457,7 +520,8 @@ def write_run_outputs(ctx: _Context, results, history, predictions, done) -> Non
         "run": ctx.run, "command": ctx.command, "classes": ctx.classes, "task": ctx.task,
         "protocol": ctx.protocol, "group_by": ctx.group_by, "config": ctx.cfg.to_dict(),
         "data": str(Path(_resolve_data_quiet(ctx.cfg)).resolve()),
-        "compute": ctx.fp.describe(), "versions": ctx.versions,
+        "compute": {f"{a} ({w})": m.describe() for (a, w), m in ctx.modes.items()},
+        "versions": ctx.versions,
     }, models / "config.json")  # fmt: skip
     histories = {d["name"]: d["history"] for d in done}
     groups = {d["name"]: d["arch"] for d in done}

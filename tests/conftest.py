@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BREAKHIS_TL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 os.environ.setdefault("BREAKHIS_TL_OFFLINE", "1")  # never try a weights download in tests
+# One measured compute-mode decision per backbone for the whole session, not one per test.
+os.environ.setdefault(
+    "BREAKHIS_TL_DISPATCH_DIR", os.path.join(tempfile.gettempdir(), "breakhis_tl_dispatch")
+)
 
 
 def _shared(sub: str) -> Path:
