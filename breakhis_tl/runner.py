@@ -240,10 +240,7 @@ def prepare_data(cfg: RunConfig, task: str, classes: list[str]) -> Data:
     )  # fmt: skip
     for _, split in plan.folds:
         check_classes(split, task, classes)
-    if (plan.protocol == "eva" and not cfg.eva_holdout) or any(
-        not (s["split"] == "val").any() for _, s in plan.folds
-    ):
-        _check_selection(cfg, plan)
+    _check_selection(cfg, plan)
     y = images[target_column(task)].map({c: i for i, c in enumerate(classes)}).to_numpy()
     return Data(plan, images, y, {})
 
