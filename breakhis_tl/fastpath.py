@@ -443,8 +443,11 @@ def _forget(bb: Backbone, device: torch.device, keep: set[FastPath]) -> None:
 
 
 def dispatch_key(bb: Backbone, device: torch.device, precision: str) -> str:
-    """Machine (CPU + flags hash, torch, GPU), backbone + weights, input size, precision."""
-    return (f"{machine_id(device)} | {bb.name} | {bb.weights_id} | "
+    """Machine (CPU + flags hash, torch, GPU), backbone + weights, input size, precision.
+    Random inits count as one weights kind: speed does not depend on the seed or on the
+    batch-norm statistics of a fold (each fold of a random-init run would measure again)."""
+    weights = "none" if bb.weights_id.startswith("none-") else bb.weights_id
+    return (f"{machine_id(device)} | {bb.name} | {weights} | "
             f"{bb.prep.input_size}px | {precision}")  # fmt: skip
 
 
