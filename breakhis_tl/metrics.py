@@ -80,7 +80,6 @@ def compute_metrics(y_true, probs, classes: list[str], patients=None, curves_onl
             log.warning("AUC is undefined on this split (%s): NaN.", exc)
     if any(issubclass(w.category, UndefinedMetricWarning) for w in caught):
         log.warning("Some metrics are undefined on this split and are NaN.")
-    out["image_rate"] = out["accuracy"]
     if patients is not None:
         out["patient_rate"] = patient_rate(y_true, y_pred, patients)
     out = {m: (float(v) if isinstance(v, (float, np.floating)) else v) for m, v in out.items()}

@@ -92,5 +92,3 @@ def train_preset(prep: Preprocessing) -> Callable:
     )
     return lambda im: normalize(augment(decode(im)), prep)
 
-
-PRESETS = {"eval": eval_preset, "train": train_preset, "decode": decode_transform}
