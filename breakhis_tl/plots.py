@@ -43,10 +43,30 @@ def _series(history: list[dict], key: str) -> list[float]:
     return out
 
 
-def _mark_epoch(ax, epoch: int | None, label: bool) -> None:
+def _mark_epoch(ax, epoch: int | None, label: bool, history: list[dict] | None = None) -> None:
     if epoch is not None:
-        text = f"selected (epoch {epoch})" if label else "_nolegend_"
+        what = f"C = {_c_of(history, epoch)}" if _is_c_grid(history) else f"epoch {epoch}"
+        text = f"selected ({what})" if label else "_nolegend_"
         ax.axvline(epoch, color="0.3", lw=1.2, ls=":", label=text)
+
+
+def _is_c_grid(history: list[dict] | None) -> bool:
+    """A logreg head's history has one row per candidate C, not per epoch."""
+    return bool(history) and "C" in history[0]
+
+
+def _c_of(history: list[dict], k: int) -> str:
+    return f"{history[k - 1]['C']:g}"
+
+
+def _x_axis(ax, history: list[dict]) -> None:
+    if _is_c_grid(history):
+        ax.set_xlabel("C (logistic regression, candidates)")
+        ax.set_xticks([int(h["epoch"]) for h in history])
+        ax.set_xticklabels([f"{h['C']:g}" for h in history], fontsize=7)
+    else:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def curves_figure(history: list[dict], title: str, best_epoch: int | None = None):
@@ -64,13 +84,12 @@ def curves_figure(history: list[dict], title: str, best_epoch: int | None = None
                     epochs, _series(history, f"{side}_{m}"), style, marker=".",
                     color=colour or f"C{i}", label=label,
                 )  # fmt: skip
-        _mark_epoch(ax, best_epoch, label=k == 0)
+        _mark_epoch(ax, best_epoch, label=k == 0, history=history)
         ax.set_title(name)
-        ax.set_xlabel("epoch")
+        _x_axis(ax, history)
         ax.set_ylabel(metrics[0].replace("_", " ") if len(metrics) == 1 else "score")
         if unit:
             ax.set_ylim(-0.03, 1.05)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         # below the panel: scores sit near 1 and a legend inside would hide them
         ax.legend(fontsize=8, ncol=3, loc="upper center",
@@ -140,11 +159,11 @@ def comparison_figure(
     for k, (arch, runs) in enumerate(grouped.items()):
         _band_line(ax, arch, runs, f"val_{metric}", f"C{k % 10}")
     ax.set_title(f"Validation {metric.replace('_', ' ')} by architecture ({run})")
-    ax.set_xlabel("epoch")
+    first = next((runs[0] for runs in grouped.values() if runs and runs[0]), [])
+    _x_axis(ax, first)
     ax.set_ylabel(f"val {metric.replace('_', ' ')}")
     if metric != "loss":
         ax.set_ylim(-0.02, 1.02)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     _band_legend(ax, grouped)
     fig.tight_layout()
