@@ -13,6 +13,7 @@ import platform
 import resource
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -20,6 +21,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from breakhis_tl.index import SUBTYPES  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 BENIGN, MALIGNANT = ["A", "F", "PT", "TA"], ["DC", "LC", "MC", "PC"]
 MAGS = [40, 100, 200, 400]
@@ -135,3 +139,152 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
+
+
+# ------------------------------------------------------------------ IDC patches
+
+IDC_IMAGES, IDC_PATIENTS = 277_524, 279  # the Kaggle release (Janowczyk & Madabhushi)
+IDC_POSITIVE = 78_786 / IDC_IMAGES  # its share of class-1 (IDC) patches
+IDC_TILE = 50  # patch side in pixels
+_POOL = 16  # distinct pictures per class: the decode cost varies a little, as in real data
+
+
+def _png_parts(benign: bool, k: int) -> tuple[bytes, bytes]:
+    """One 50x50 PNG split after IHDR (33 bytes in): a tEXt chunk goes between the parts."""
+    import io
+
+    rng = np.random.default_rng(1000 * benign + k)
+    base = np.array([225, 150, 200] if benign else [150, 90, 190], dtype=np.float32)
+    pixels = np.clip(rng.normal(0, 40, (IDC_TILE, IDC_TILE, 3)) + base, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG", compress_level=1)
+    data = buf.getvalue()
+    return data[:33], data[33:]
+
+
+def _text_chunk(i: int) -> bytes:
+    """A valid tEXt chunk naming the patch: every file gets its own bytes, hence its own
+    content id (the feature cache keys by content), for the cost of a CRC."""
+    import struct
+    import zlib
+
+    body = b"tEXt" + b"patch\x00" + str(i).encode()
+    return struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def idc_layout(n: int, patients: int, seed: int = 0) -> list[tuple[str, int, int]]:
+    """(relative path, class, picture) per patch: patients get equal shares, patches lie on
+    a 50 px grid from (1, 1) as in the real names, class 1 with the real dataset's share."""
+    rng = np.random.default_rng(seed)
+    cls = (rng.random(n) < IDC_POSITIVE).astype(int)
+    out = []
+    for i in range(n):
+        p, j = i % patients, i // patients
+        pid = 8863 + 7 * p  # real ids are 4-5 digit numbers; any digits parse
+        x, y = 1 + IDC_TILE * (j % 64), 1 + IDC_TILE * (j // 64)
+        c = int(cls[i])
+        out.append((f"{pid}/{c}/{pid}_idx5_x{x}_y{y}_class{c}.png", c, i % _POOL))
+    return out
+
+
+def make_idc_tree(root: Path, n: int = IDC_IMAGES, patients: int = IDC_PATIENTS,
+                  seed: int = 0) -> Path:  # fmt: skip
+    """`n` IDC patches (50x50 RGB PNG) in the Kaggle layout `<patient>/<0|1>/<name>.png`.
+    Fast enough for the real 277,524: 32 PNGs are encoded once and written many times, each
+    with a tEXt chunk that makes its bytes unique. Reused when already complete."""
+    done = root / ".complete"
+    stamp = f"idc {n} {patients} {seed}"
+    if done.is_file() and done.read_text() == stamp:
+        return root
+    parts = {(b, k): _png_parts(bool(b), k) for b in (0, 1) for k in range(_POOL)}
+    made: set[Path] = set()
+    for i, (rel, c, k) in enumerate(idc_layout(n, patients, seed)):
+        path = root / rel
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
+        head, tail = parts[(1 - c, k)]
+        path.write_bytes(head + _text_chunk(i) + tail)
+    done.write_text(stamp)
+    return root
+
+
+def tree_bytes(root: Path) -> tuple[int, int]:
+    """(bytes in files, bytes allocated on disk): small files cost a whole block each."""
+    size = blocks = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(dirpath, f))
+            size, blocks = size + st.st_size, blocks + st.st_blocks * 512
+    return size, blocks
+
+
+def rss_mib() -> float:
+    """Current resident set of this process (Linux /proc; 0 where it is not available)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# ------------------------------------------------------------------ precision per backbone
+
+
+def preset_batch(arch: str, default: int) -> int:
+    """A foundation preset's own extraction batch (`FoundationSpec.batch_size`, sized so one
+    batch of a ViT-g stays under 8 GiB), else `default`: one batch size for a ViT-B and a
+    ViT-g either wastes the small one or runs the big one out of memory."""
+    from breakhis_tl import foundation
+
+    return foundation.PRESETS[arch].batch_size if foundation.is_foundation(arch) else default
+
+
+def low_precision(arch: str, device) -> torch.dtype:
+    """The autocast dtype worth timing: a preset's card dtype on a GPU (fp16 for most),
+    bf16 on a GPU that has it, fp16 on one that does not, bf16 on a CPU."""
+    import torch
+
+    from breakhis_tl import foundation
+
+    if device.type != "cuda":
+        return torch.bfloat16
+    if foundation.is_foundation(arch):
+        return getattr(torch, foundation.PRESETS[arch].autocast)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast_throughput(arch: str, device, images: int, batch: int, rounds: int = 3) -> dict:
+    """Backbone-only images/s of `arch` (weights none: random weights cost the same per
+    image, and nothing is downloaded) in fp32 NCHW, fp32 channels_last + folded, and
+    autocast; interleaved rounds, synchronised on a GPU; cosine of autocast to fp32."""
+    import torch
+
+    from breakhis_tl import fastpath as F
+    from breakhis_tl.backbones import build_backbone
+
+    bb = build_backbone(arch, "none")
+    size = bb.prep.input_size
+    x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    low = low_precision(arch, device)
+    paths = {"fp32": F.PLAIN, "fp32_fast": F.FastPath(None, True, folded=True),
+             "autocast": F.FastPath(low, True, folded=True)}  # fmt: skip
+    ready = {k: F.prepare(bb, device, p) for k, p in paths.items()}
+
+    def run(k: str) -> torch.Tensor:
+        return torch.cat([F.run_backbone(ready[k], x[i : i + batch], paths[k])
+                          for i in range(0, images, batch)])  # fmt: skip
+
+    feats = {k: run(k) for k in paths}  # warm-up (cuDNN autotuning, oneDNN primitives)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    secs = F.time_interleaved({k: lambda k=k: run(k) for k in paths}, rounds, sync)
+    rate = {k: images / sorted(v)[len(v) // 2] for k, v in secs.items()}
+    cos = torch.nn.functional.cosine_similarity(feats["fp32"], feats["autocast"], dim=1)
+    return {"benchmark": "backbone_precision", **machine(str(device)), "arch": arch,
+            "weights": "none", "images": images, "batch": batch, "rounds": rounds,
+            "fp32_images_per_s": round(rate["fp32"], 2),
+            "fp32_fast_images_per_s": round(rate["fp32_fast"], 2),
+            "autocast_dtype": str(low).replace("torch.", ""),
+            "autocast_images_per_s": round(rate["autocast"], 2),
+            "autocast_speedup": round(rate["autocast"] / rate["fp32"], 3),
+            "autocast_cosine_min": round(float(cos.min()), 5)}  # fmt: skip

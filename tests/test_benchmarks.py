@@ -1,11 +1,15 @@
 """Smoke test: every benchmark script runs on a tiny size and prints well-formed JSON lines.
 
 No timing is asserted here; the measured numbers live in README's Performance section.
+Compute-mode decisions are shared by the whole session (conftest's BREAKHIS_TL_DISPATCH_DIR,
+inherited by the scripts), so each backbone is measured once; the projections take the
+unmeasured default mode (`--compute default`) on one small backbone.
 """
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -28,10 +32,15 @@ CASES = {
         {"cached_seconds", "end_to_end_seconds", "speedup", "cached_val_balanced_accuracy"},
     ),
     "scale.py": (
-        ["--images", "24", "--epochs", "2", "--probe-images", "2", "--workers", "0"],
+        "--images 24 --epochs 2 --probe-images 2 --workers 0 --archs mobilenet_v2 "
+        "--compute default".split(),
         {"peak_rss_mib", "extract_and_train_seconds", "index_seconds"},
     ),
 }
+IDC = (
+    "--dataset idc --images 300 --patients 6 --sample 4 --batch 4 --workers 0 "
+    "--archs mobilenet_v2 --compute default --probe-images 2 --gpu-img-per-s mobilenet_v2=1000"
+).split()
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
@@ -52,3 +61,80 @@ def test_benchmark_runs_and_prints_json(script, tmp_path):
     assert {"cpu", "cores", "torch", "device"} <= set(first)
     if script == "decode_once.py":
         assert first["decodes"] == first["target_decodes"] == 4
+
+
+def run_json(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_scale_idc_indexes_extracts_and_reads_every_patch_from_the_cache(tmp_path):
+    """The IDC mode on 300 patches of 6 patients: Kaggle layout parsed, a sample extracted
+    for real, every patch then served by the cache, projection with the GPU rate given."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scale.py"), *IDC, "--workdir", str(tmp_path)]
+    _, records = run_json(cmd)
+    by = {r["benchmark"]: r for r in records}
+    idc = by["scale_idc"]
+    assert (idc["images"], idc["patients"], idc["sample_images"]) == (300, 6, 4)
+    assert idc["cached_pass_extracted"] == 0 and idc["cached_pass_ok"] == 300
+    assert 0 < idc["peak_rss_mib"] < idc["target_peak_rss_mib"]
+    (row,) = by["scale_projection"]["per_arch"]
+    assert by["scale_projection"]["images"] == 277_524
+    assert row["projected_gpu_hours"] == round(277_524 / 1000 / 3600, 3)
+
+
+def test_idc_tree_matches_the_kaggle_layout(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import make_idc_tree
+
+    from breakhis_tl.identity import content_id
+    from breakhis_tl.images import load_rgb
+    from breakhis_tl.index import build_index
+
+    index = build_index(make_idc_tree(tmp_path, 40, 4), "idc")
+    assert len(index) == 40 and index["patient"].nunique() == 4
+    folders = {Path(p).parent.name for p in index["path"]}
+    assert folders <= {"0", "1"} and len(folders) == 2
+    assert load_rgb(index["path"].iloc[0]).size == (50, 50)
+    assert len({content_id(p) for p in index["path"]}) == 40  # unique bytes: unique cache keys
+
+
+def test_gpu_suite_dry_run_prints_json_for_every_section(tmp_path):
+    """`gpu_suite.sh --device cpu --dry-run`: every stdout line is JSON, no section failed,
+    and a (precision), b (cached vs end to end), c (projection) and the summary are there."""
+    cmd = ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--device", "cpu", "--dry-run",
+           "--workdir", str(tmp_path)]  # fmt: skip
+    done, records = run_json(cmd)
+    assert len(records) == len(done.stdout.splitlines())
+    assert not [r for r in records if "error" in r]
+    sections = {r["section"]: r for r in records}
+    assert set(sections) == {"a", "b", "c", "summary"}
+    assert {"fp32_images_per_s", "autocast_images_per_s", "autocast_cosine_min"} <= set(
+        sections["a"]
+    )
+    assert "speedup" in sections["b"]
+    projected = {r["dataset"] for r in records if r.get("benchmark") == "scale_projection"}
+    assert projected == {"breakhis", "idc"}
+    assert sections["summary"]["gpu_img_per_s"].startswith("mobilenet_v2=")
+
+
+def test_gpu_suite_refuses_an_unknown_argument():
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--gpus", "2"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "--gpus" in done.stderr
+
+
+def test_foundation_presets_take_their_own_batch_size():
+    """Preset names are accepted by the precision benchmark (gpu_suite.sh --presets) with the
+    batch their spec names; building one here would cost ~30 s on a loaded 2-core CPU."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from common import low_precision, preset_batch
+
+    from breakhis_tl.foundation import PRESETS
+
+    assert preset_batch("phikon", 8) == PRESETS["phikon"].batch_size == 64
+    assert preset_batch("h_optimus_0", 8) == 32
+    assert preset_batch("mobilenet_v2", 8) == 8
+    assert low_precision("phikon", torch.device("cpu")) == torch.bfloat16
