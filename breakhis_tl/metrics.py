@@ -28,13 +28,18 @@ def patient_rate(y_true, y_pred, patients) -> float:
     return float(df.groupby("p")["ok"].mean().mean()) if len(df) else float("nan")
 
 
-def compute_metrics(y_true, probs, classes: list[str], patients=None, curves_only=False) -> dict:
+def compute_metrics(
+    y_true, probs, classes: list[str], patients=None, curves_only=False, quiet=False
+) -> dict:
     """Binary metrics for two classes (positive = the second), macro averages for more.
 
     A metric that is undefined on this data (a single class present, nothing predicted
     positive) is NaN with a warning, never an exception. `curves_only` computes just the
     per-epoch curve metrics (no AUC, confusion or patients): each scikit-learn call costs
-    milliseconds of input checks, which add up over hundreds of epochs.
+    milliseconds of input checks, which add up over hundreds of epochs. `quiet`: no warnings
+    (the per-epoch validation pass would repeat them every epoch). With more than two classes
+    AUC is the mean one-vs-rest AUC over the classes present (scikit-learn's macro average is
+    NaN as soon as one class is absent, as on a small validation set).
     """
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
@@ -60,26 +65,18 @@ def compute_metrics(y_true, probs, classes: list[str], patients=None, curves_onl
     if curves_only:
         return {m: (float(v) if isinstance(v, (float, np.floating)) else v) for m, v in out.items()}
     present = np.unique(y_true)
+    say = (lambda *a: None) if quiet else log.warning
     if len(present) < 2:
-        log.warning(
-            "Only one class (%s) in this split: AUC is undefined (NaN).", classes[present[0]]
-        )
+        say("Only one class (%s) in this split: AUC is undefined (NaN).", classes[present[0]])
+    elif k == 2:
+        out["auc"] = skm.roc_auc_score(y_true, probs[:, 1])
     else:
-        try:
-            if k == 2:
-                out["auc"] = skm.roc_auc_score(y_true, probs[:, 1])
-            else:
-                out["auc"] = skm.roc_auc_score(
-                    y_true,
-                    probs / probs.sum(1, keepdims=True),
-                    multi_class="ovr",
-                    average="macro",
-                    labels=labels,
-                )
-        except ValueError as exc:
-            log.warning("AUC is undefined on this split (%s): NaN.", exc)
+        out["auc"] = float(np.mean([skm.roc_auc_score(y_true == c, probs[:, c]) for c in present]))
+        if len(present) < k:
+            missing = ", ".join(classes[c] for c in labels if c not in present)
+            say("No %s image in this split: AUC is the mean over the classes present.", missing)
     if any(issubclass(w.category, UndefinedMetricWarning) for w in caught):
-        log.warning("Some metrics are undefined on this split and are NaN.")
+        say("Some metrics are undefined on this split and are NaN.")
     if patients is not None:
         out["patient_rate"] = patient_rate(y_true, y_pred, patients)
     out = {m: (float(v) if isinstance(v, (float, np.floating)) else v) for m, v in out.items()}

@@ -118,7 +118,7 @@ def fit(
         train_m = compute_metrics(
             torch.cat(ys).numpy(), torch.cat(ps).numpy(), classes, curves_only=True
         )
-        val_m = compute_metrics(y_val, p_val, classes, patients)
+        val_m = compute_metrics(y_val, p_val, classes, patients, quiet=True)
         val_loss = nn.functional.nll_loss(
             torch.log(torch.as_tensor(p_val).clamp_min(1e-12)).float(),
             torch.as_tensor(y_val), weight=weights.cpu(),
@@ -291,7 +291,7 @@ def fit_logreg(
         head = linear_from_logreg(model, scaler.mean_, scaler.scale_, len(classes))
         train_p = predict_features(head, torch.as_tensor(x, dtype=torch.float32))
         y_val, p_val, patients = evaluate_val(head)
-        val_m = compute_metrics(y_val, p_val, classes, patients)
+        val_m = compute_metrics(y_val, p_val, classes, patients, quiet=True)
         train_m = compute_metrics(y, train_p, classes, curves_only=True)
         logs = {"epoch": k, "C": c, "train_loss": _nll(train_p, y), "val_loss": _nll(p_val, y_val),
                 **{f"train_{m}": v for m, v in train_m.items() if m != "confusion"},
