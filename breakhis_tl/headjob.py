@@ -31,6 +31,7 @@ from breakhis_tl.training import (
     feature_batches,
     fit,
     fit_logreg,
+    fit_logreg_cv,
     predict_features,
 )
 
@@ -68,6 +69,9 @@ class TrainingData:
     labels: np.ndarray  # training labels (with views), for class weights
     eval_feats: Callable[[str], tuple[torch.Tensor, np.ndarray]]  # side -> (x, split rows)
     skipped: list[str]
+    x_train: torch.Tensor | None = None  # cached mode: the training features, in order
+    groups: np.ndarray | None = None  # their patients (the logreg head's grouped CV)
+    val_probs: np.ndarray | None = None  # out-of-fold val probabilities of a refit head
 
 
 def job_mode(ctx, job: HeadJob):
@@ -114,7 +118,9 @@ def training_data(ctx, job: HeadJob) -> TrainingData:
 
     skipped = [paths[i] for i in np.flatnonzero(~ok)]
     batches = feature_batches(x_train, y_train, t.batch_size, job.seed)
-    return TrainingData(batches, y_train.numpy(), _memo_val(eval_feats, cached=True), skipped)
+    groups = np.tile(job.split["patient"].to_numpy()[tr], len(xs))
+    return TrainingData(batches, y_train.numpy(), _memo_val(eval_feats, cached=True), skipped,
+                        x_train, groups)  # fmt: skip
 
 
 def _memo_val(eval_feats, cached: bool):
@@ -146,6 +152,13 @@ def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, 
     log.info("Training a %s head: %s (%d classes).", t.head, job.name, len(ctx.classes))
     if t.head == "logreg":
         on_epoch = lambda e, logs: log_epoch(writer, e, logs)  # noqa: E731
+        x_val, idx = data.eval_feats("val")
+        if data.groups is not None and t.select == "best" and len(idx):
+            train = (data.x_train.float().numpy(), data.labels, data.groups)
+            val = (x_val.float().numpy(), job.y[idx], patients[idx])
+            head, result, data.val_probs = fit_logreg_cv(train, val, ctx.classes, t, on_epoch,
+                                                         seed=job.seed)  # fmt: skip
+            return head, result
         return fit_logreg(data.batches, evaluate_val, ctx.classes, t, on_epoch, seed=job.seed)
     result = fit(head, data.batches, evaluate_val, data.labels, ctx.classes, t,
                  on_epoch=lambda e, logs: log_epoch(writer, e, logs),
@@ -163,6 +176,8 @@ def evaluate_head(ctx, job: HeadJob, head, data: TrainingData) -> dict:
         x, idx = data.eval_feats(s)
         n = len(ctx.classes)
         probs = predict_features(head, x, ctx.device) if len(idx) else np.zeros((0, n))
+        if s == "val" and data.val_probs is not None:
+            probs = data.val_probs  # the refit head saw val: its out-of-fold score instead
         m = compute_metrics(job.y[idx], probs, ctx.classes, patients[idx].tolist())
         out[s] = (m, job.y[idx], probs, idx)
     return out
