@@ -35,6 +35,8 @@ from breakhis_tl.transforms import decode_transform, dihedral, normalize
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("data") / "cache"  # features/, images.sqlite
+# Bump when a backbone's forward, pooling or folding changes: cached features then differ.
+FEATURES_VERSION = 2
 
 __all__ = ["FeatureCache"]
 
@@ -63,7 +65,8 @@ def feature_space(bb: Backbone, view: int, fp: FastPath, stain: str = "none") ->
     (bf16 against fp32: cosine 0.997), so the mode is part of the key."""
     return space_key({
         "arch": bb.name, "weights": bb.weights_id, "prep": bb.prep.to_dict(), "view": view,
-        "compute": fp.describe(), "stain": stain,
+        "compute": fp.describe(), "stain": stain, "code": FEATURES_VERSION,
+        "torch": ".".join(torch.__version__.split(".")[:2]),
     })  # fmt: skip
 
 

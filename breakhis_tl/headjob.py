@@ -156,9 +156,10 @@ def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, 
         if data.groups is not None and t.select == "best" and len(idx):
             train = (data.x_train.float().numpy(), data.labels, data.groups)
             val = (x_val.float().numpy(), job.y[idx], patients[idx])
-            head, result, data.val_probs = fit_logreg_cv(train, val, ctx.classes, t, on_epoch,
-                                                         seed=job.seed)  # fmt: skip
-            return head, result
+            tuned = fit_logreg_cv(train, val, ctx.classes, t, on_epoch, seed=job.seed)
+            if tuned is not None:
+                head, result, data.val_probs = tuned
+                return head, result
         return fit_logreg(data.batches, evaluate_val, ctx.classes, t, on_epoch, seed=job.seed)
     result = fit(head, data.batches, evaluate_val, data.labels, ctx.classes, t,
                  on_epoch=lambda e, logs: log_epoch(writer, e, logs),
@@ -190,7 +191,7 @@ def result_rows(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
         rows.append({
             "arch": job.backbone.name, "fold": job.fold, "repeat": job.repeat, "split": s,
             **{k: m[k] for k in METRICS}, "n_images": m["n_images"],
-            "n_patients": m["n_patients"], "model_selection": s == "val",
+            "n_patients": m["n_patients"], "model_selection": s == "val" and t.select == "best",
             "best_epoch": result.best_epoch, "epochs_run": len(result.history),
             "train_seconds": round(result.seconds, 3), "skipped_images": skipped,
             "test_twins_in_train": job.twins if s == "test" else 0,

@@ -13,7 +13,7 @@ import math
 import platform
 import signal
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +229,7 @@ class Data:
     twins: dict  # fold -> test images with a twin in train
 
 
-def prepare_data(cfg: RunConfig, task: str, classes: list[str]) -> Data:
+def prepare_data(cfg: RunConfig, task: str, classes: list[str], selecting: bool = True) -> Data:
     """Index, folds and class checks (no image is opened yet)."""
     index = build_index(_resolve_data(cfg, Path(cfg.out)), cfg.dataset)
     index = filter_magnification(index, parse_magnification(cfg.magnification))
@@ -240,7 +240,8 @@ def prepare_data(cfg: RunConfig, task: str, classes: list[str]) -> Data:
     )  # fmt: skip
     for _, split in plan.folds:
         check_classes(split, task, classes)
-    _check_selection(cfg, plan)
+    if selecting:
+        _check_selection(cfg, plan)
     y = images[target_column(task)].map({c: i for i, c in enumerate(classes)}).to_numpy()
     return Data(plan, images, y, {})
 
@@ -355,14 +356,14 @@ def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict
     and views as `train` with these options, so a later `train` reads everything from the
     cache. `shard=(i, n)`: only the images whose content id falls in shard i of n, so n
     processes sharing a cache folder split the work with no other coordination."""
-    cfg = apply_recipe(cfg)
+    cfg = resolve_protocol(apply_recipe(cfg))
     validate(cfg)
     device = pick_device(cfg.device)
     task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "data" / "cache"
     store = ImageStore(cache_root / "images.sqlite")
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
-    data = prepare_data(cfg, task, classes)
+    data = prepare_data(cfg, task, classes, selecting=False)
     backbones = build_backbones(cfg, data)
     check_pictures(cfg, data, task, store)
     modes = compute_modes(cfg, backbones, device, cache_root, shard)
@@ -440,8 +441,20 @@ def run_job(ctx: _Context, job: headjob.HeadJob) -> dict:
     }  # fmt: skip
 
 
+def resolve_protocol(cfg: RunConfig) -> RunConfig:
+    """A split file's own protocol decides the task and classes when --protocol is left out
+    (an eva split is the four-class subtype task)."""
+    if cfg.protocol is None and cfg.split_file and Path(cfg.split_file).is_file():
+        from breakhis_tl.folds import read_split
+
+        written = read_split(cfg.split_file)
+        if "protocol" in written and written["protocol"].notna().any():
+            return replace(cfg, protocol=str(written["protocol"].dropna().iloc[0]))
+    return cfg
+
+
 def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
-    cfg = apply_recipe(cfg)
+    cfg = resolve_protocol(apply_recipe(cfg))
     validate(cfg)
     out, run = Path(cfg.out), cfg.run or default_run_name()
     folders = run_folders(out, run)

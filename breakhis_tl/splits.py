@@ -275,8 +275,25 @@ def eva_split(df: pd.DataFrame, target: str, seed: int, val_frac: float, holdout
         raise UserError("Every image here is on one of eva's validation slides: nothing to train.")
     out = out.assign(split=np.where(is_val, "test" if holdout else "val", "train"))
     if holdout:
+        out = _drop_accession_kin(out)
         out = carve_val(out, target, seed, val_frac)
     return out.assign(fold=pd.NA)
+
+
+def _drop_accession_kin(out: pd.DataFrame) -> pd.DataFrame:
+    """An untouched test set shares no accession number with training: slides such as
+    16184/16184CD or 18842/18842D may be one patient, so their train side is dropped."""
+    acc = out["slide"].astype(str).str.extract(r"^(\d+)", expand=False)
+    held = set(acc[out["split"] == "test"])
+    kin = (out["split"] == "train") & acc.isin(held)
+    if kin.any():
+        log.warning(
+            "--eva-holdout: %d training image(s) of %d slide(s) share an accession number with "
+            "eva's test slides and were left out.",
+            int(kin.sum()),
+            out.loc[kin, "slide"].nunique(),
+        )
+    return out[~kin].reset_index(drop=True)
 
 
 def random_split(

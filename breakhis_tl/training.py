@@ -322,7 +322,7 @@ def fit_logreg_cv(
     cfg: TrainConfig,
     on_epoch: Callable[[int, dict], None] | None = None,
     seed: int = 0,
-) -> tuple[nn.Module, FitResult, np.ndarray]:
+) -> tuple[nn.Module, FitResult, np.ndarray] | None:
     """The default linear probe, tuned as a careful user tunes scikit-learn's: C chosen by
     patient-grouped k-fold CV over the training and validation patients (out-of-fold
     balanced accuracy; one small validation set alone picks C noisily), then refit on all of
@@ -341,6 +341,8 @@ def fit_logreg_cv(
     groups = np.concatenate([train[2], val[2]])
     is_val = np.r_[np.zeros(len(train[1]), bool), np.ones(len(val[1]), bool)]
     per_class = min(len(set(groups[y == c])) for c in np.unique(y))
+    if per_class < 2 or len(np.unique(y)) < len(classes):
+        return None  # too few patients to cross-validate: the caller picks C on val alone
     cv = StratifiedGroupKFold(n_splits=min(5, per_class), shuffle=True, random_state=seed)
     weight = "balanced" if cfg.class_weighted else None
     history, oofs, best = [], [], 0

@@ -91,4 +91,3 @@ def train_preset(prep: Preprocessing) -> Callable:
         [RandomDihedral(), v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)]
     )
     return lambda im: normalize(augment(decode(im)), prep)
-

@@ -190,15 +190,27 @@ def test_patient_key_joins_the_twin_in_every_other_protocol(breakhis_real, tmp_p
 
 
 def test_twin_across_sides_stops_a_patient_protocol(breakhis_real, tmp_path):
-    """Were the patient key to miss it (two keys for one picture), the run stops by name."""
-    index = index_breakhis(breakhis_real)
-    split = pd.DataFrame({"path": index["relpath"], "split": "train"})
-    split.loc[index["filename"] == TWIN_LC, "split"] = "test"
-    split.loc[index["slide"] == "13412", "split"] = "test"
-    split.loc[index["filename"] == TWIN_DC, "split"] = "train"  # same slide key, two sides
+    """Were the patient key to miss a twin (one picture under two slide ids), the run stops
+    by name: here a copy of a real image saved under another slide id, in a temporary tree."""
+    import shutil
+
+    root = tmp_path / "tree"
+    for png in breakhis_real.rglob("*.png"):
+        link = root / png.relative_to(breakhis_real)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(png)
+    original = next(breakhis_real.rglob(TWIN_DC))
+    alias = root / "BreaKHis_v1/alias/SOB_M_DC-14-99999-100-003.png"
+    alias.parent.mkdir(parents=True)
+    shutil.copy(original, alias)
+    index = index_breakhis(root)
+    sides = np.where(index["slide"] == "99999", "test", "train")
+    split = pd.DataFrame({"path": index["relpath"], "split": sides})
+    val = index["slide"].isin(index.groupby("label")["slide"].first())
+    split.loc[val & (index["slide"] != "99999"), "split"] = "val"
     split.to_csv(tmp_path / "s.csv", index=False)
-    with pytest.raises(UserError):
-        run_training(_cfg(breakhis_real, tmp_path, split_file=str(tmp_path / "s.csv")))
+    with pytest.raises(UserError, match="pixel-identical pair.*99999"):
+        run_training(_cfg(root, tmp_path, split_file=str(tmp_path / "s.csv"), run="t"))
 
 
 def test_group_by_accession_joins_slides(full_index):
