@@ -223,20 +223,26 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ORIGIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _original(module: nn.Module) -> nn.Module:
+    ref = _ORIGIN.get(module)
+    return (ref() if ref is not None else None) or module
+
+
 def prepare(bb: Backbone, device: torch.device, path: FastPath) -> Backbone:
     """A Backbone whose module is the runnable for `path` on `device`; the original module
     is moved to `device` (Grad-CAM runs through it) and otherwise left as built. Built once
     per original module, device and path: `run_backbone` on the original backbone, or on
     any backbone `prepare` returned, finds it."""
     device = torch.device(device)
-    original = _ORIGIN.get(bb.module, bb.module)
+    original = _original(bb.module)
     memo = _PREPARED.setdefault(original, {})
     key = (str(device), path)
     if key not in memo:
         original.to(device)
         runnable = _build(dataclasses.replace(bb, module=original), device, path)
         memo[key] = None if runnable is original else runnable
-        _ORIGIN[runnable] = original
+        if runnable is not original:
+            _ORIGIN[runnable] = weakref.ref(original)  # weak: a dropped backbone is freed
     runnable = memo[key]
     return dataclasses.replace(bb, module=original if runnable is None else runnable)
 
@@ -437,7 +443,7 @@ def synthetic_batch(bb: Backbone, n: int = 8, seed: int = 0) -> torch.Tensor:
 
 def _forget(bb: Backbone, device: torch.device, keep: set[FastPath]) -> None:
     """Drop the losing candidates' copies (a backbone copy each)."""
-    memo = _PREPARED.get(_ORIGIN.get(bb.module, bb.module), {})
+    memo = _PREPARED.get(_original(bb.module), {})
     for key in [k for k in memo if k[0] == str(device) and k[1] not in keep]:
         del memo[key]
 
