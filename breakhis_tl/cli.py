@@ -477,7 +477,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     from breakhis_tl.folds import SplitOptions, plan_folds, write_split
     from breakhis_tl.identity import ImageStore
     from breakhis_tl.index import build_index, filter_magnification, parse_magnification
-    from breakhis_tl.leakage import check_twins, shared_patients
+    from breakhis_tl.leakage import check_twins, leakage_line, shared_patients
     from breakhis_tl.splits import split_summary, target_column
 
     index = build_index(args.data, args.dataset)
@@ -498,7 +498,7 @@ def cmd_split(args: argparse.Namespace) -> int:
         twins = check_twins(split.assign(pixel=split["relpath"].map(pixels)),
                             target_column(task), plan.protocol)  # fmt: skip
         shared = shared_patients(split)
-        print("\nLeakage check: " + _leakage_line(plan.protocol, shared, twins))
+        print("\nLeakage check: " + leakage_line(plan.protocol, shared, twins))
     if args.out:
         try:
             write_split(plan, args.out)
@@ -506,29 +506,6 @@ def cmd_split(args: argparse.Namespace) -> int:
             raise UserError(f"Cannot write {args.out} ({exc.strerror}).") from None
         print(f"Wrote {args.out} ({plan.protocol}, grouped by {plan.group_by}).")
     return 0
-
-
-def _leakage_line(protocol: str, shared: list, twins) -> str:
-    parts = []
-    if protocol == "random":
-        parts.append("skipped by patient: the random protocol shares patients on purpose")
-    elif shared:
-        parts.append(
-            f"{len(shared)} patient(s) are on two sides ({', '.join(shared[:5])}); the "
-            f"{protocol} protocol defines it so, and it is reported, not fixed"
-        )
-    else:
-        parts.append("no patient is on two sides")
-    if twins.across:
-        parts.append(
-            f"{len(twins.across)} pixel-identical pair(s) on two sides "
-            f"({twins.test_with_train_twin} test image(s) with a twin in train)"
-        )
-    elif protocol != "random":
-        parts.append("no pixel-identical image on two sides")
-    if twins.relabelled:
-        parts.append(f"{len(twins.relabelled)} pixel-identical pair(s) under two labels")
-    return "; ".join(parts) + "."
 
 
 def _write_csv(df, path: str, writer=None) -> None:

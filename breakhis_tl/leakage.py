@@ -99,3 +99,34 @@ def check_twins(df: pd.DataFrame, target: str, protocol: str) -> Twins:
     for line in lines:
         log.warning("%s", line)
     return twins
+
+
+def leakage_line(protocol: str, shared: list, twins: Twins) -> str:
+    """What is true of a split, in one sentence: never "passed" after a warning."""
+    parts = []
+    if protocol == "random":
+        parts.append("skipped by patient: the random protocol shares patients on purpose")
+    elif shared:
+        parts.append(
+            f"{len(shared)} patient(s) are on two sides ({', '.join(shared[:5])}); the "
+            f"{protocol} protocol defines it so, and it is reported, not fixed"
+        )
+    else:
+        parts.append("no patient is on two sides")
+    if twins.across:
+        parts.append(
+            f"{len(twins.across)} pixel-identical pair(s) on two sides "
+            f"({twins.test_with_train_twin} test image(s) with a twin in train)"
+        )
+    elif protocol != "random":
+        parts.append("no pixel-identical image on two sides")
+    if twins.relabelled:
+        parts.append(f"{len(twins.relabelled)} pixel-identical pair(s) under two labels")
+    return "; ".join(parts) + "."
+
+
+def describe_split(split: pd.DataFrame, target: str, protocol: str, store) -> str:
+    """The leakage sentence of one fold, with its pixel hashes from `store` (an ImageStore)."""
+    pixels = store.pixel_hashes(split["path"].tolist())
+    twins = find_twins(split.assign(pixel=pixels), target)
+    return leakage_line(protocol, shared_patients(split), twins)
