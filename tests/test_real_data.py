@@ -137,7 +137,8 @@ def _cache_rows(out):
 def test_real_signal_breakhis(breakhis_real, tmp_path):
     """lite0 (pretrained, offline) + the default linear probe, patient-level nested 5-fold CV
     on 148 real BreakHis images of 37 patients. Measured (AMD EPYC, 2026-11-27): test ROC AUC
-    PRETRAINED_BH_AUC; BN-calibrated random init RANDOM_BH_AUC."""
+    0.824 (balanced
+    accuracy 0.720); BN-calibrated random init 0.662 (0.646). Floors leave a clear margin."""
     import torch
 
     auc, _ = _test_scores(breakhis_real, tmp_path, "breakhis", "default", "pre",
@@ -164,12 +165,13 @@ def idc_subset(idc_real, tmp_path_factory):
 
 def test_real_signal_idc(idc_subset, tmp_path):
     """The same on real IDC patches, patient-disjoint (train/val/test by patient). Measured
-    (AMD EPYC, 2026-11-27): test ROC AUC PRETRAINED_IDC_AUC; random init RANDOM_IDC_AUC."""
+    (AMD EPYC, 2026-11-27): test ROC AUC 0.859 (balanced accuracy 0.811);
+    random init 0.660 (0.635), on 40 of the 167 patients (about 700 patches)."""
     import torch
 
     auc, _ = _test_scores(idc_subset, tmp_path, "idc", "default", "pre", protocol="patient")
     base, _ = _test_scores(idc_subset, tmp_path, "idc", "none", "rand", protocol="patient")
     for f in _cache_rows(tmp_path):
         assert torch.isfinite(f).all() and (f.std(0) > 0).float().mean() > 0.5
-    assert auc > 0.80, auc
-    assert auc - base > 0.05, (auc, base)
+    assert auc > 0.78, auc
+    assert auc - base > 0.10, (auc, base)
