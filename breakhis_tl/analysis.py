@@ -731,3 +731,23 @@ def group_by_sentence(joined: pd.DataFrame) -> str:
             "part of any difference is the draw; the intervals show how much."
         )
     return "\n\n".join(lines)
+
+
+def compare_runs(out_dir: str | Path, first: str, second: str, n: int = 2000) -> str:
+    """Two runs that each report every image once (say, patient-level against image-level
+    5-fold CV on the same images): the gap in pooled balanced accuracy, second minus first,
+    with a paired patient-bootstrap 95% interval (one draw of patients serves both runs)."""
+    frames = []
+    for arm in (first, second):
+        run = load_run(out_dir, arm)
+        p = run.predictions
+        side = reported_split(p)
+        frames.append(p[p["split"] == side].assign(arm=arm, repeat=1))
+    both = pd.concat(frames, ignore_index=True)
+    shared = set(frames[0]["relpath"]) & set(frames[1]["relpath"])
+    both = both[both["relpath"].isin(shared)]
+    gap, lo, hi = gap_bootstrap(both, arms=(first, second), n=n)
+    return (
+        f"{second} minus {first}: {gap:+.3f} balanced accuracy, 95% CI [{lo:+.3f}, {hi:+.3f}] "
+        f"(paired patient bootstrap, {both['patient'].nunique()} patients, {len(shared)} images)"
+    )

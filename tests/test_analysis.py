@@ -253,3 +253,32 @@ def test_group_by_sensitivity_side_by_side(study):
     groups = {json.loads((out / "trained_models" / r / "config.json").read_text())["group_by"]
               for r in runs}  # fmt: skip
     assert groups == {"slide", "accession"}
+
+
+def test_compare_runs_pairs_the_same_images(tmp_path):
+    """Two runs scoring the same images: the gap is their balanced-accuracy difference."""
+    import json
+
+    from breakhis_tl.analysis import compare_runs
+
+    rows = [("a", "p1", "benign"), ("b", "p1", "benign"), ("c", "p2", "malignant"),
+            ("d", "p3", "malignant"), ("e", "p4", "benign"), ("f", "p4", "benign")]  # fmt: skip
+    wrong = {"first": {"c", "e"}, "second": set()}
+    for run, bad in wrong.items():
+        folder = tmp_path / "trained_models" / run
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"arch": "x", "fold": 1, "repeat": 1, "split": "test"}]).assign(
+            balanced_accuracy=0.5
+        ).to_csv(folder / "results.csv", index=False)
+        pd.DataFrame(columns=["arch", "head", "epoch"]).to_csv(folder / "history.csv", index=False)
+        flip = {"benign": "malignant", "malignant": "benign"}
+        preds = [
+            {"arch": "x", "fold": 1, "repeat": 1, "split": "test", "relpath": r, "patient": p,
+             "target": t, "prediction": flip[t] if r in bad else t}
+            for r, p, t in rows
+        ]  # fmt: skip
+        pd.DataFrame(preds).to_csv(folder / "predictions.csv", index=False)
+        (folder / "config.json").write_text(json.dumps({"classes": ["benign", "malignant"]}))
+    text = compare_runs(tmp_path, "first", "second", n=200)
+    # first: benign 3/4, malignant 1/2 -> 0.625; second: 1.0; gap +0.375
+    assert text.startswith("second minus first: +0.375") and "4 patients, 6 images" in text
