@@ -54,9 +54,10 @@ def test_predict_folder_and_patients(clf, breakhis_sample):
 
 
 def test_same_numbers_as_training_predictions(sample_run, clf):
-    """The head predicts at inference what the run wrote for its val/test images."""
+    """The head predicts at inference what the run wrote for its test images. (Its val rows
+    are the out-of-fold scores of the C selection: the refit head has seen those images.)"""
     cfg, res = sample_run
-    preds = res.predictions
+    preds = res.predictions[res.predictions["split"] == "test"]
     paths = [f"{cfg.data}/{r}" for r in preds["relpath"]]
     now = clf.predict(paths, workers=0, progress=False)
     # training features were cached in fp16, so allow that rounding
