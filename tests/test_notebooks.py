@@ -126,7 +126,7 @@ def test_training_then_analysis_notebooks(out, tmp_path):
     assert (out / "validation_graphs" / "nb" / "compare_f1.png").is_file()
     assert _images(trained) >= 2  # a sample grid and the curves figure, inline
     text = _text(trained)
-    assert "Leakage check: passed" in text and "tensorboard" in "".join(
+    assert "Leakage check: no patient is on two sides" in text and "tensorboard" in "".join(
         c.source for c in trained.cells
     )
     assert "with dropout" not in "".join(c.source for c in trained.cells)
