@@ -144,6 +144,8 @@ def test_ctrl_c_keeps_best_head_and_exits_130(breakhis_sample, tmp_path):
             breakhis_sample,
             "--archs",
             "efficientnet_lite0",
+            "--head",
+            "linear",  # trained by epochs (the default logreg head has no epochs to stop)
             "--epochs",
             "100000",
             "--patience",
