@@ -478,7 +478,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     from breakhis_tl.identity import ImageStore
     from breakhis_tl.index import build_index, filter_magnification, parse_magnification
     from breakhis_tl.leakage import check_twins, leakage_line, shared_patients
-    from breakhis_tl.splits import split_summary, target_column
+    from breakhis_tl.splits import check_classes, class_names, split_summary, target_column
 
     index = build_index(args.data, args.dataset)
     index = filter_magnification(index, parse_magnification(args.magnification))
@@ -492,9 +492,11 @@ def cmd_split(args: argparse.Namespace) -> int:
     plan = plan_folds(index, opts)
     store = ImageStore(Path(args.cache_dir) / "images.sqlite")
     pixels = dict(zip(index["relpath"], store.pixel_hashes(index["path"].tolist()), strict=True))
+    classes = class_names(task, args.dataset, plan.protocol)
     for k, split in plan.folds:
         print(f"\n== fold {k} ==" if k is not None else "")
         print(split_summary(split, task))
+        check_classes(split, task, classes)  # a class missing from a side is named
         twins = check_twins(split.assign(pixel=split["relpath"].map(pixels)),
                             target_column(task), plan.protocol)  # fmt: skip
         shared = shared_patients(split)
