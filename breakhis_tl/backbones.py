@@ -15,7 +15,6 @@ Pooled features (what a head sees), per architecture:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,11 +183,9 @@ def parse_archs(value: str) -> list[str]:
 
 
 def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from breakhis_tl.identity import sha256_file
+
+    return sha256_file(path)[:16]
 
 
 def default_weights_id(name: str) -> str:
@@ -234,7 +231,9 @@ class Backbone:
         return self.module(x)
 
 
-def _freeze(module: nn.Module) -> nn.Module:
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode for good, no gradients: what every frozen extractor (and its folded copy)
+    is."""
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -265,7 +264,7 @@ def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbo
     if name.startswith("timm:") or foundation.is_foundation(name):
         build = foundation.build_timm if name.startswith("timm:") else foundation.build
         module, dim, prep, wid = build(name.removeprefix("timm:"), weights, seed)
-        return Backbone(name, weights, wid, dim, prep, _freeze(module))
+        return Backbone(name, weights, wid, dim, prep, freeze(module))
     wid = weights_id(weights, seed)
     spec = REGISTRY[name]
     torch.manual_seed(seed)  # a random init is part of the experiment: make it repeatable
@@ -288,7 +287,7 @@ def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbo
         raise
     if weights == "default":
         wid = default_weights_id(name)
-    return Backbone(name, weights, wid, spec.feature_dim, spec.prep, _freeze(module))
+    return Backbone(name, weights, wid, spec.feature_dim, spec.prep, freeze(module))
 
 
 def _is_download_failure(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from breakhis_tl.errors import UserError
+from breakhis_tl.identity import file_hasher
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,13 @@ def fetch(url: str, dest: Path, timeout: float = 30.0) -> str:
         have = 0  # the part file is only overwritten once this source answers
     response = _open(url, have, timeout)
     if response is None:  # 416: the part file already holds everything
-        hasher = _hash_file(part)
+        hasher = file_hasher(part)
     else:
         with response:
             resumed = have > 0 and getattr(response, "status", 200) == 206
             if have and not resumed:
                 log.info("%s does not resume downloads; starting %s again.", url, dest.name)
-            hasher = _hash_file(part) if resumed else hashlib.sha256()
+            hasher = file_hasher(part) if resumed else hashlib.sha256()
             length = response.headers.get("Content-Length")
             total = (have if resumed else 0) + int(length) if length and length.isdigit() else None
             with open(part, "ab" if resumed else "wb") as out:
@@ -118,14 +119,6 @@ def _copy(response, out: BinaryIO, hasher, total: int | None, name: str) -> None
             raise SourceError(
                 f"the download broke off ({str(exc) or type(exc).__name__})"
             ) from None
-
-
-def _hash_file(path: Path):
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            hasher.update(chunk)
-    return hasher
 
 
 def sha256_path(archive: Path) -> Path:
@@ -240,7 +233,7 @@ def _from_sources(urls: Sequence[str], archive: Path, expected: int, recorded: s
 def _from_local(archive: Path, expected: int, recorded: str | None) -> str:
     """Use an archive already there (put by hand, or kept from an earlier download) as is:
     verified against the recorded digest first, and never deleted, since it is the user's."""
-    digest = _hash_file(archive).hexdigest()
+    digest = file_hasher(archive).hexdigest()
     try:
         _check_digest(archive, digest, recorded)
     except SourceError:

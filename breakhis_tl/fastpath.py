@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from breakhis_tl.backbones import Backbone
+from breakhis_tl.backbones import Backbone, freeze
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def fold_frozen(module: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     work = _unpad_same(copy.deepcopy(module))
-    work.__dict__.pop("train", None)  # _freeze's lambda would return the original module
+    work.__dict__.pop("train", None)  # freeze()'s lambda would return the original module
     nn.Module.train(work, False)
     try:
         with warnings.catch_warnings():
@@ -175,7 +175,7 @@ def fold_frozen(module: nn.Module) -> nn.Module:
     except Exception as exc:  # noqa: BLE001 - torch.fx raises many types; unfolded still works
         log.info("Not folded (torch.fx cannot trace %s: %s).", type(module).__name__, exc)
         folded = work
-    return _freeze_copy(folded)
+    return freeze(folded)
 
 
 def _unpad_same(module: nn.Module) -> nn.Module:
@@ -203,15 +203,6 @@ def _plain_conv(c: nn.Conv2d) -> nn.Module:
     conv.to(c.weight.device, c.weight.dtype).eval()
     rest = (left - pw, right - pw, top - ph, bottom - ph)
     return conv if not any(rest) else nn.Sequential(nn.ZeroPad2d(rest), conv).eval()
-
-
-def _freeze_copy(module: nn.Module) -> nn.Module:
-    """Like backbones._freeze, but `train()` returns this module, not the original."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    module.train = lambda mode=True: module  # type: ignore[method-assign]
-    return module
 
 
 # ---------------------------------------------------------------- running
@@ -250,7 +241,7 @@ def prepare(bb: Backbone, device: torch.device, path: FastPath) -> Backbone:
 def _build(bb: Backbone, device: torch.device, path: FastPath) -> nn.Module:
     if not (path.folded or path.channels_last or path.cast or path.jit or path.compiled):
         return bb.module
-    m = fold_frozen(bb.module) if path.folded else _freeze_copy(copy.deepcopy(bb.module))
+    m = fold_frozen(bb.module) if path.folded else freeze(copy.deepcopy(bb.module))
     m.to(device)
     if path.channels_last:
         m.to(memory_format=torch.channels_last)

@@ -18,7 +18,6 @@ downloaded release, `file-<sha256>` for a local file and `none-seed<seed>` for r
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from breakhis_tl.errors import UserError
+from breakhis_tl.identity import sha256_file
 from breakhis_tl.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -366,14 +366,6 @@ def _timm_pretrained_identity(model: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- weights files
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _existing(weights: str) -> Path:

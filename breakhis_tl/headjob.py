@@ -140,8 +140,6 @@ def _memo_val(eval_feats, cached: bool):
 def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, FitResult]:
     t = ctx.cfg.train
     patients = job.split["patient"].to_numpy()
-    torch.manual_seed(job.seed)
-    head = make_head(t.head, job.backbone.feature_dim, len(ctx.classes), t.hidden, t.dropout)
 
     def evaluate_val(h):
         x, idx = data.eval_feats("val")
@@ -161,6 +159,8 @@ def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, 
                 head, result, data.val_probs = tuned
                 return head, result
         return fit_logreg(data.batches, evaluate_val, ctx.classes, t, on_epoch, seed=job.seed)
+    torch.manual_seed(job.seed)
+    head = make_head(t.head, job.backbone.feature_dim, len(ctx.classes), t.hidden, t.dropout)
     result = fit(head, data.batches, evaluate_val, data.labels, ctx.classes, t,
                  on_epoch=lambda e, logs: log_epoch(writer, e, logs),
                  should_stop=lambda: ctx.stop.stop, device=ctx.device, seed=job.seed)  # fmt: skip

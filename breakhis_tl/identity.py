@@ -35,9 +35,22 @@ def _stat_key(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
-def content_id(path: str) -> str:
+def file_hasher(path: str | Path, algorithm: str = "sha256"):
+    """A hashlib object fed with the file's bytes, read in blocks (the one file hash of the
+    project: content ids, weights identities, stain references, downloaded archives)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_hasher(path).hexdigest()
+
+
+def content_id(path: str) -> str:
+    return file_hasher(path, "sha1").hexdigest()
 
 
 def pixel_hash(rgb: np.ndarray) -> str:

@@ -275,11 +275,11 @@ def build_backbones(cfg: RunConfig, data: Data) -> dict[tuple[str, int | None], 
     for arch in cfg.archs:
         weights = weights_for(cfg.weights, arch)
         base = build_backbone(arch, weights, cfg.train.seed)
-        for k, split in data.plan.folds:
+        for i, (k, split) in enumerate(data.plan.folds):
             if weights != "none" or not has_batchnorm(base):
                 out[(arch, k)] = base
                 continue
-            bb = build_backbone(arch, weights, cfg.train.seed)
+            bb = base if i == 0 else build_backbone(arch, weights, cfg.train.seed)
             train = split.loc[split["split"] == "train", "path"].tolist()
             out[(arch, k)] = calibrate(bb, train, cfg.train.seed, cfg.extract_batch, cfg.workers)
     return out

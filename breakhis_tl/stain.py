@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from breakhis_tl.errors import UserError
+from breakhis_tl.identity import sha256_file
 
 if TYPE_CHECKING:  # torch is imported only when a normaliser is built
     import torch
@@ -65,15 +66,6 @@ def torchstain_version() -> str:
         return version("torchstain")
     except PackageNotFoundError:
         return "absent"
-
-
-def file_sha256(path: str | Path) -> str:
-    """The reference's record: its bytes, so moving or renaming the file changes nothing."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _chw(rgb: np.ndarray) -> torch.Tensor:
@@ -163,7 +155,8 @@ class StainNormaliser:
             raise UserError(f"Stain reference {ref} does not exist.")
         self.method = method
         self.ref_path = str(ref) if ref is not None else None
-        self.ref = f"sha256:{file_sha256(ref)}" if ref is not None else LIBRARY_DEFAULT
+        # the reference's bytes: a moved or renamed file keeps its identity
+        self.ref = f"sha256:{sha256_file(ref)}" if ref is not None else LIBRARY_DEFAULT
         self._norm = None if method == "none" else _fit(method, ref)
 
     def __repr__(self) -> str:

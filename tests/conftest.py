@@ -108,6 +108,19 @@ def sample_run(tmp_path_factory, breakhis_sample):
     return cfg, run_training(cfg, command="pytest sample_run")
 
 
+@pytest.fixture(scope="session")
+def head_file(sample_run):
+    """The sample run's head file (predict, evaluate)."""
+    return sample_run[1].heads["efficientnet_lite0"]
+
+
+@pytest.fixture(scope="session")
+def clf(head_file):
+    from breakhis_tl.predict import Classifier
+
+    return Classifier.from_head(head_file, device="cpu")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def no_network():
     """Tests never touch the network: any connection beyond loopback fails at once."""

@@ -31,16 +31,6 @@ def breakhis_real():
 
 
 @pytest.fixture(scope="module")
-def head_file(sample_run):
-    return sample_run[1].heads["efficientnet_lite0"]
-
-
-@pytest.fixture(scope="module")
-def clf(head_file):
-    return Classifier.from_head(head_file, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def real_preds(clf, breakhis_real):
     return clf.predict(breakhis_real, workers=0, progress=False)
 

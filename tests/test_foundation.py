@@ -25,6 +25,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from breakhis_tl import foundation as F  # noqa: E402
 from breakhis_tl.errors import UserError  # noqa: E402
+from breakhis_tl.identity import sha256_file
 
 DOCUMENTED = {  # name: (feature size, pooling), as the cards give them
     "uni": (1024, "cls"),
@@ -100,7 +101,7 @@ def test_preset_weights_file_in_half_precision(phikon, tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         torch.testing.assert_close(module(x), src(x), atol=2e-2, rtol=2e-2)
-    assert wid == f"file-{F.sha256_file(path)[:16]}"
+    assert wid == f"file-{sha256_file(path)[:16]}"
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,6 @@ from breakhis_tl.index import index_breakhis, index_idc
 from breakhis_tl.predict import Classifier, patient_of
 
 
-@pytest.fixture(scope="module")
-def head_file(sample_run):
-    return sample_run[1].heads["efficientnet_lite0"]
-
-
-@pytest.fixture(scope="module")
-def clf(head_file):
-    return Classifier.from_head(head_file, device="cpu")
-
-
 def _probs(df):
     return df[["prob_benign", "prob_malignant"]].to_numpy()
 
