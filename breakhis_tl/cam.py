@@ -129,6 +129,7 @@ def save_cams(clf, items: list, out_dir: Path) -> list[Path]:
             except ImageError as exc:
                 log.warning("No Grad-CAM for it: %s", exc)
                 continue
+            im, _ = clf.stain.normaliser.apply(im, str(item))  # as predict sees it
             x8 = decode(im)
             # the probabilities `predict` gives (same path and precision), and the CAM of
             # that class, so the figure never disagrees with predictions.csv

@@ -47,6 +47,23 @@ def _data_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--dataset", default="breakhis", help="breakhis or idc")
 
 
+def _stain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stain",
+        default="none",
+        help="stain normalisation of every image before the backbone: none (default), macenko "
+        "(torchstain's reference unless --stain-ref) or reinhard (needs --stain-ref)",
+    )
+    p.add_argument("--stain-ref", default=None, help="reference H&E image of the normalisation")
+    p.add_argument(
+        "--stain-views",
+        type=nonneg_int,
+        default=0,
+        help="HED-jittered copies of each training image (Tellez's HED-light), cached like "
+        "--views and combined with them; val and test images are never jittered",
+    )
+
+
 def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="binary (default) or subtype")
     p.add_argument("--magnification", default="all", help="all, or a list such as 40X,200X")
@@ -194,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="cached flips/90-degree rotations per training image (1-8)",
     )
+    _stain_args(p)
     p.add_argument(
         "--no-cache",
         action="store_true",
@@ -230,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=positive_int, default=None, help="K-fold cross-validation")
     p.add_argument("--split-file", default=None, help="a split written by `split --out`")
     p.add_argument("--views", type=positive_int, default=1, help="views per training image")
+    _stain_args(p)
     p.add_argument("--shard", default=None, help="i/N: this process's part (0-based)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -375,7 +394,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         protocol=args.protocol, group_by=args.group_by, fold=args.fold, cv=args.cv,
         split_file=args.split_file, folds_csv=args.folds_csv, eva_holdout=args.eva_holdout,
         val_frac=args.val_frac, test_frac=args.test_frac, recipe=args.recipe,
-        repeats=args.repeats, views=args.views, no_cache=args.no_cache, strict=args.strict,
+        repeats=args.repeats, views=args.views, stain=args.stain, stain_ref=args.stain_ref,
+        stain_views=args.stain_views, no_cache=args.no_cache, strict=args.strict,
         device=args.device, precision=args.precision, run=args.run, overwrite=args.overwrite,
         out=args.out,
         cache_dir=args.cache_dir, workers=args.workers,
@@ -440,6 +460,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         protocol=args.protocol, group_by=args.group_by, fold=args.fold, cv=args.cv,
         split_file=args.split_file, folds_csv=args.folds_csv, eva_holdout=args.eva_holdout,
         val_frac=args.val_frac, test_frac=args.test_frac, views=args.views, strict=args.strict,
+        stain=args.stain, stain_ref=args.stain_ref, stain_views=args.stain_views,
         device=args.device, precision=args.precision, out=args.out, cache_dir=args.cache_dir,
         workers=args.workers, train=TrainConfig(seed=args.seed),
     )  # fmt: skip
@@ -447,6 +468,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     part = f" (shard {shard[0]} of {shard[1]})" if shard else ""
     print(f"{done['extracted']} image feature(s) extracted{part} of {done['images']} images, "
           f"{done['failed']} unreadable; cache: {done['cache']}.")  # fmt: skip
+    if done["stain_fallbacks"]:
+        print(f"{done['stain_fallbacks']} image(s) could not be stain-normalised and were used "
+              "as they are; see the log above.")  # fmt: skip
     for arch, mode in done["modes"].items():
         print(f"  {arch}: {mode}")
     return 0

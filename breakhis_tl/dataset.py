@@ -33,6 +33,48 @@ class ImageDataset(Dataset):
         return self.transform(im), self.labels[i], i, "", im.size
 
 
+class StainedImages(ImageDataset):
+    """Each image normalised once and turned into its stain views, all decoded: item 0 is a
+    uint8 tensor [n_views, 3, S, S] (views an image does not need are zeros). A failed
+    normalisation keeps the image and carries its message in item 3 (see `collate_noted`)."""
+
+    def __init__(self, paths, transform, stain, keys: Sequence[str], n_views: Sequence[int],
+                 labels: Sequence[int] | None = None):  # fmt: skip
+        super().__init__(paths, transform, labels)
+        self.stain, self.keys, self.n_views = stain, list(keys), list(n_views)
+        self.width = max(self.n_views, default=1)
+
+    def __getitem__(self, i: int):
+        try:
+            im = load_rgb(self.paths[i])
+        except ImageError as exc:
+            return None, self.labels[i], i, str(exc), (0, 0)
+        views, note = self.stain.prepare(im, self.paths[i], self.keys[i], self.n_views[i])
+        x = [self.transform(v) for v in views]
+        x += [torch.zeros_like(x[0])] * (self.width - len(x))
+        return torch.stack(x), self.labels[i], i, note, im.size
+
+
+class OnlineStain:
+    """End-to-end training's stain step: normalise, then a random stain view in 0..views
+    (drawn from torch's generator, which the DataLoader seeds per epoch and worker)."""
+
+    def __init__(self, stain, transform: Callable):
+        self.stain, self.transform = stain, transform
+
+    def __call__(self, im, name: str = "<image>"):
+        view = int(torch.randint(self.stain.views + 1, ())) if self.stain.views else 0
+        key = str(int(torch.randint(2**31 - 1, ())))  # a fresh jitter every epoch
+        views, _ = self.stain.prepare(im, name, key, view + 1)
+        return self.transform(views[-1])
+
+
+def collate_noted(items):
+    """`collate`, plus (index, message) of the readable images that carry a note."""
+    notes = [(it[2], it[3]) for it in items if it[0] is not None and it[3]]
+    return (*collate(items), notes)
+
+
 def collate(items):
     """Stack the good images; keep (index, message) of the bad ones and each image's size."""
     good = [it for it in items if it[0] is not None]
@@ -53,6 +95,7 @@ def make_loader(
     workers: int | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    collate_fn: Callable = collate,
 ) -> DataLoader:
     if workers is None:
         workers = default_workers()
@@ -62,7 +105,7 @@ def make_loader(
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         persistent_workers=False,
         generator=g,
         pin_memory=torch.cuda.is_available(),

@@ -7,7 +7,7 @@ magnification, seed, fold or protocol) reads what is there and extracts only wha
 A chunk counts only once its JSON marker is written (after the features), so a run killed
 at any moment leaves either a complete chunk or one that is ignored and redone. Images that
 failed to decode are remembered too, with their message, so `--strict` stops on them even
-when the cache is warm.
+when the cache is warm; so are images whose stain normalisation failed (their `notes`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Lookup:
     ok: torch.Tensor  # [n] bool: features present and valid
     found: torch.Tensor  # [n] bool: the cache knows this image (features or a failure)
     failed: dict[int, str] = field(default_factory=dict)  # position -> message
+    notes: dict[int, str] = field(default_factory=dict)  # position -> why stain-unnormalised
 
 
 class FeatureCache:
@@ -96,21 +97,24 @@ class FeatureCache:
             except (OSError, ValueError, KeyError, AssertionError, SafetensorError) as exc:
                 log.warning("Cache chunk %s is unreadable (%s); extracting again.", data, exc)
                 continue
-            failed = meta.get("failed", {})
+            failed, notes = meta.get("failed", {}), meta.get("notes", {})
             for r, positions in rows:
                 i = meta["ids"][r]
                 for pos in positions:
                     res.feats[pos], res.ok[pos], res.found[pos] = feats[r], ok[r], True
                     if not ok[r]:
                         res.failed[pos] = failed.get(i, f"image {i} could not be read")
+                    if i in notes:
+                        res.notes[pos] = notes[i]
                 del where[i]
         return res
 
     def save(
         self, space: str, ids: list[str], feats: torch.Tensor, ok: torch.Tensor,
-        failed: dict[str, str], meta: dict,
+        failed: dict[str, str], meta: dict, notes: dict[str, str] | None = None,
     ) -> Path:  # fmt: skip
-        """One chunk: features first, then the marker that makes it count."""
+        """One chunk: features first, then the marker that makes it count. `notes`: images
+        used unnormalised because stain normalisation failed, and why."""
         from safetensors.torch import save_file
 
         folder = self.folder(space)
@@ -120,7 +124,7 @@ class FeatureCache:
         tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
         save_file({"features": feats.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp))
         os.replace(tmp, data)
-        marker = {**meta, "ids": ids, "failed": failed, "rows": len(ids)}
+        marker = {**meta, "ids": ids, "failed": failed, "notes": notes or {}, "rows": len(ids)}
         atomic_write_text(data.with_suffix(".json"), json.dumps(marker))
         return data
 

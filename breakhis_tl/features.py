@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from breakhis_tl import __version__
 from breakhis_tl.backbones import Backbone
-from breakhis_tl.dataset import ImageDataset, make_loader
+from breakhis_tl.dataset import StainedImages, collate_noted, make_loader
 from breakhis_tl.errors import UserError
 from breakhis_tl.fastpath import (  # noqa: F401 (re-exported: the extraction API)
     FastPath,
@@ -30,6 +30,7 @@ from breakhis_tl.fastpath import (  # noqa: F401 (re-exported: the extraction AP
 )
 from breakhis_tl.feature_cache import FeatureCache, Lookup, space_key
 from breakhis_tl.identity import ImageStore
+from breakhis_tl.stain import StainSetup
 from breakhis_tl.transforms import decode_transform, dihedral, normalize
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,14 @@ def feature_space(bb: Backbone, view: int, fp: FastPath, stain: str = "none") ->
 
 @dataclass
 class Request:
-    """Features of `backbone` for view `view` of the images `rows` (indices into the list)."""
+    """Features of `backbone` for dihedral view `view` and stain view `stain_view` of the
+    images `rows` (indices into the list)."""
 
     backbone: Backbone
     view: int
     rows: np.ndarray
     path: FastPath | None = None  # compute mode (None: the device's default fast path)
+    stain_view: int = 0  # 0: the (normalised) image; k >= 1: its k-th HED-jittered copy
 
 
 @dataclass
@@ -85,6 +88,7 @@ class ExtractionReport:
     extracted: list[str] = field(default_factory=list)  # "arch/view k" entries computed now
     cached: list[str] = field(default_factory=list)  # entries read wholly from the cache
     failed: dict[int, str] = field(default_factory=dict)  # image row -> message
+    stain_fallbacks: dict[int, str] = field(default_factory=dict)  # row -> why unnormalised
     decodes: int = 0  # images decoded in this run, all backbones together
     upscaled: int = 0  # images smaller than a backbone's input size
     images_extracted: int = 0  # image x request pairs computed now
@@ -112,20 +116,24 @@ def extract(
     progress: bool = True,
     store: ImageStore | None = None,
     shard: tuple[int, int] | None = None,
+    stain: StainSetup | None = None,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], ExtractionReport]:
     """Features for every request, in request order: (fp16 features [rows, D], ok [rows]).
 
     Cached images are read, the rest extracted and cached. A broken image is reported by
     path and left out (its `ok` is False) unless `strict`. `shard=(i, n)` extracts only the
     images whose content id falls in shard i of n (for several processes sharing a cache).
+    `stain` normalises every image once before decoding and makes the jittered stain views
+    (an image whose normalisation fails is used unnormalised and listed in the report).
     """
     device = torch.device(device)
     report = ExtractionReport()
     store = store or ImageStore(cache.root.parent / "images.sqlite" if cache else None)
     ids = store.content_ids(paths)
-    default = fast_path(device, optimised)
+    default, stain = fast_path(device, optimised), stain or StainSetup()
     slots = [
-        _lookup(req, ids, paths, cache, req.path or default, strict, report) for req in requests
+        _lookup(req, ids, paths, cache, req.path or default, strict, report, stain)
+        for req in requests
     ]
     if shard is not None:
         for s in slots:
@@ -133,6 +141,7 @@ def extract(
     groups: dict[tuple, list[_Slot]] = defaultdict(list)
     for s in slots:
         name = f"{s.req.backbone.name}/view {s.req.view}"
+        name += f"/stain view {s.req.stain_view}" if s.req.stain_view else ""
         if len(s.todo):
             groups[s.req.backbone.prep.decode_key()].append(s)
             report.extracted.append(name)
@@ -140,7 +149,7 @@ def extract(
             report.cached.append(name)
     for group in groups.values():
         _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
-                       report)  # fmt: skip
+                       report, stain)  # fmt: skip
     _warn(report)
     return [(s.feats, s.ok) for s in slots], report
 
@@ -150,8 +159,8 @@ def in_shard(content_id: str | None, shard: tuple[int, int]) -> bool:
     return content_id is not None and int(content_id[:8], 16) % n == i
 
 
-def _lookup(req, ids, paths, cache, fp, strict, report) -> _Slot:
-    space = feature_space(req.backbone, req.view, fp, getattr(req.backbone, "stain", "none"))
+def _lookup(req, ids, paths, cache, fp, strict, report, stain) -> _Slot:
+    space = feature_space(req.backbone, req.view, fp, stain.key(req.stain_view))
     req_ids = [ids[r] for r in req.rows]
     dim = req.backbone.feature_dim
     if cache is not None:
@@ -168,6 +177,8 @@ def _lookup(req, ids, paths, cache, fp, strict, report) -> _Slot:
         report.failed[int(req.rows[pos])] = msg
         if strict:
             raise UserError(f"{msg} (--strict stops at the first unreadable image).")
+    for pos, msg in hit.notes.items():
+        _note(report, int(req.rows[pos]), msg, strict)
     todo = np.flatnonzero(~hit.found.numpy())
     return _Slot(req, fp, space, hit.feats, hit.ok, todo)
 
@@ -178,6 +189,11 @@ def _warn(report: ExtractionReport) -> None:
             "%d image(s) are smaller than a backbone's input size and were upscaled to it.",
             report.upscaled,
         )
+    if report.stain_fallbacks:
+        log.warning(
+            "%d image(s) could not be stain-normalised and were used as they are: %s",
+            len(report.stain_fallbacks), "; ".join(list(report.stain_fallbacks.values())[:5]),
+        )  # fmt: skip
     if report.failed:
         log.warning(
             "%d image(s) could not be read and were skipped: %s",
@@ -189,8 +205,14 @@ def _warn(report: ExtractionReport) -> None:
 CHUNK_IMAGES = 4096  # images decoded between cache writes: a killed run keeps the rest
 
 
+def _note(report: ExtractionReport, row: int, msg: str, strict: bool) -> None:
+    report.stain_fallbacks[row] = msg
+    if strict:
+        raise UserError(f"{msg} (--strict stops instead of using the image unnormalised).")
+
+
 def _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
-                   report) -> None:  # fmt: skip
+                   report, stain) -> None:  # fmt: skip
     prep = group[0].req.backbone.prep
     needed = sorted(set().union(*({int(s.req.rows[p]) for p in s.todo} for s in group)))
     for s in group:
@@ -205,50 +227,69 @@ def _extract_group(paths, ids, group, cache, device, batch_size, workers, strict
                disable=not progress)  # fmt: skip
     for start in range(0, len(needed), CHUNK_IMAGES):
         block = needed[start : start + CHUNK_IMAGES]
-        done = _run_block(paths, block, group, device, batch_size, workers, strict, report)
+        done = _run_block(paths, ids, block, group, device, batch_size, workers, strict, report,
+                          stain)  # fmt: skip
         bar.update(len(block))
         if cache is not None:
             _save_block(cache, ids, paths, block, done, group, report)
     bar.close()
 
 
-def _run_block(paths, block, group, device, batch_size, workers, strict, report) -> dict:
-    """Decode each image of `block` once; every view of every backbone from that decode."""
+def _stained_dataset(paths, ids, block, group, stain) -> StainedImages:
+    """The block's images, each with as many stain views as some request needs of it."""
+    n_views = np.ones(len(paths), dtype=np.int64)
+    for s in group:
+        rows = s.req.rows[s.todo]
+        n_views[rows] = np.maximum(n_views[rows], s.req.stain_view + 1)
+    return StainedImages([paths[i] for i in block], decode_transform(group[0].req.backbone.prep),
+                         stain, [ids[i] or paths[i] for i in block],
+                         n_views[block].tolist(), labels=block)  # fmt: skip
+
+
+def _run_block(paths, ids, block, group, device, batch_size, workers, strict, report,
+               stain) -> dict:  # fmt: skip
+    """Decode (and stain) each image of `block` once; every view of every backbone from it."""
     prep = group[0].req.backbone.prep
-    ds = ImageDataset([paths[i] for i in block], decode_transform(prep), labels=block)
+    ds = _stained_dataset(paths, ids, block, group, stain)
     pos_of = []
     for s in group:
         pos = np.full(len(paths), -1, dtype=np.int64)
         pos[s.req.rows[s.todo]] = s.todo
         pos_of.append(torch.from_numpy(pos))
     failed: dict[int, str] = {}
-    for x, rows, _, bad, sizes in make_loader(ds, batch_size=batch_size, workers=workers):
+    loader = make_loader(ds, batch_size=batch_size, workers=workers, collate_fn=collate_noted)
+    for x, rows, _, bad, sizes, notes in loader:
         for i, msg in bad:
             failed[block[i]] = msg
             report.failed[block[i]] = msg
             if strict:
                 raise UserError(f"{msg} (--strict stops at the first unreadable image).")
+        for i, msg in notes:
+            _note(report, block[i], msg, strict)
         report.decodes += len(rows) + len(bad)
         report.upscaled += sum(1 for w, h in sizes if min(w, h) < prep.input_size)
-        if x is None:
-            continue
-        x = x.to(device, non_blocking=True)
-        for view in sorted({s.req.view for s in group}):
-            xv, normalized = dihedral(x, view), {}
-            for s, pos in zip(group, pos_of, strict=True):
-                where = pos[rows]
-                keep = where >= 0
-                if s.req.view != view or not keep.any():
-                    continue
-                bb = s.req.backbone
-                nk = (bb.prep.mean, bb.prep.std)
-                if nk not in normalized:
-                    normalized[nk] = normalize(xv, bb.prep)
-                f = run_backbone(bb, normalized[nk][keep], s.path)
-                s.feats[where[keep]] = f.to("cpu", torch.float16)
-                s.ok[where[keep]] = True
-                report.images_extracted += int(keep.sum())
+        if x is not None:
+            _run_views(x.to(device, non_blocking=True), rows, group, pos_of, report)
     return failed
+
+
+def _run_views(x, rows, group, pos_of, report) -> None:
+    """x: uint8 [B, stain views, 3, S, S]; each request takes its stain and dihedral view."""
+    for sv, view in sorted({(s.req.stain_view, s.req.view) for s in group}):
+        xv, normalized = dihedral(x[:, sv], view), {}
+        for s, pos in zip(group, pos_of, strict=True):
+            where = pos[rows]
+            keep = where >= 0
+            if (s.req.stain_view, s.req.view) != (sv, view) or not keep.any():
+                continue
+            bb = s.req.backbone
+            nk = (bb.prep.mean, bb.prep.std)
+            if nk not in normalized:
+                normalized[nk] = normalize(xv, bb.prep)
+            f = run_backbone(bb, normalized[nk][keep], s.path)
+            s.feats[where[keep]] = f.to("cpu", torch.float16)
+            s.ok[where[keep]] = True
+            report.images_extracted += int(keep.sum())
 
 
 def _save_block(cache, ids, paths, block, failed, group, report) -> None:
@@ -258,14 +299,15 @@ def _save_block(cache, ids, paths, block, failed, group, report) -> None:
         positions = [p for p in positions if ids[s.req.rows[p]] is not None]
         if not positions:
             continue
-        chunk_ids = [ids[s.req.rows[p]] for p in positions]
-        msgs = {ids[s.req.rows[p]]: failed[int(s.req.rows[p])] for p in positions
-                if int(s.req.rows[p]) in failed}  # fmt: skip
+        rows = [int(s.req.rows[p]) for p in positions]
+        chunk_ids = [ids[r] for r in rows]
+        msgs = {ids[r]: failed[r] for r in rows if r in failed}
+        notes = {ids[r]: report.stain_fallbacks[r] for r in rows if r in report.stain_fallbacks}
         bb = s.req.backbone
         cache.save(s.space, chunk_ids, s.feats[positions], s.ok[positions], msgs, {
             "arch": bb.name, "weights": bb.weights_id, "prep": bb.prep.to_dict(),
-            "view": s.req.view, "package": __version__,
-        })  # fmt: skip
+            "view": s.req.view, "stain_view": s.req.stain_view, "package": __version__,
+        }, notes=notes)  # fmt: skip
 
 
 def check_features(name: str, feats: torch.Tensor, ok: torch.Tensor) -> None:

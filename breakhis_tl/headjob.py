@@ -89,23 +89,26 @@ def training_data(ctx, job: HeadJob) -> TrainingData:
     if cfg.no_cache:
         tr = np.flatnonzero(side == "train")
         bb, fp, workers = job.backbone, job_mode(ctx, job), cfg.workers
-        batches = end_to_end_batches(
-            bb, [paths[i] for i in tr], job.y[tr], t.batch_size, job.seed, ctx.device, fp, workers
-        )
+        batches = end_to_end_batches(bb, [paths[i] for i in tr], job.y[tr], t.batch_size,
+                                     job.seed, ctx.device, fp, workers, ctx.stain)  # fmt: skip
 
         def eval_feats(s):
             idx = np.flatnonzero(side == s)
             chosen = [paths[i] for i in idx]
-            f, ok = end_to_end_features(bb, chosen, cfg.extract_batch, ctx.device, fp, workers)
+            f, ok, notes = end_to_end_features(bb, chosen, cfg.extract_batch, ctx.device, fp,
+                                               workers, ctx.stain)  # fmt: skip
+            ctx.fallbacks.update({chosen[i]: msg for i, msg in notes.items()})
             return f[ok], idx[ok.numpy()]
 
         return TrainingData(batches, job.y[tr], _memo_val(eval_feats, cached=False), [])
-    f0, ok0 = ctx.feats[(job.backbone.name, job.backbone.weights_id, 0)]
+    from breakhis_tl.runner import view_pairs
+
+    f0, ok0 = ctx.feats[(job.backbone.name, job.backbone.weights_id, 0, 0)]
     f_all, ok = f0[job.rows], ok0[job.rows].numpy()
     tr = np.flatnonzero((side == "train") & ok)
     xs, ys = [f_all[tr]], [job.y[tr]]
-    for v in range(1, cfg.views):
-        fv, okv = ctx.feats[(job.backbone.name, job.backbone.weights_id, v)]
+    for v, sv in view_pairs(cfg):
+        fv, _ = ctx.feats[(job.backbone.name, job.backbone.weights_id, v, sv)]
         pos = ctx.view_pos[(job.backbone.name, job.backbone.weights_id)]
         take = np.array([pos[job.rows[i]] for i in tr], dtype=np.int64)
         xs.append(fv[take])
@@ -198,9 +201,16 @@ def result_rows(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
             "weights": job.backbone.weights_id, "head": t.head, "recipe": cfg.recipe,
             "select": t.select, "task": ctx.task, "protocol": ctx.protocol,
             "group_by": ctx.group_by, "views": cfg.views, "compute": job_mode(ctx, job).describe(),
+            "stain": cfg.stain, "stain_views": cfg.stain_views,
+            "stain_fallbacks": stain_fallbacks(ctx, job),
             "cached": not cfg.no_cache, "interrupted": result.interrupted,
         })  # fmt: skip
     return rows
+
+
+def stain_fallbacks(ctx, job: HeadJob) -> int:
+    """This head's images that went to the backbone unnormalised (normalisation failed)."""
+    return int(job.split["path"].isin(ctx.fallbacks.keys()).sum()) if ctx.fallbacks else 0
 
 
 def prediction_frame(ctx, job: HeadJob, evals: dict) -> pd.DataFrame:
@@ -232,6 +242,7 @@ def head_record(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
         "magnification": cfg.magnification, "fold": job.fold, "repeat": job.repeat,
         "seed": t.seed, "head_seed": job.seed, "head": t.head, "hidden": t.hidden,
         "dropout": t.dropout, "train": t.to_dict(), "views": cfg.views,
+        "stain": ctx.stain.record(), "stain_fallbacks": stain_fallbacks(ctx, job),
         "best_epoch": result.best_epoch, "selected_on": "val" if t.select == "best" else "last",
         "metrics": {s: dict(evals[s][0]) for s in evals},
         "val_balanced_accuracy": evals["val"][0].get("balanced_accuracy") if "val" in evals
@@ -250,6 +261,7 @@ def hparams(ctx, job: HeadJob) -> dict:
         "recipe": cfg.recipe, "fold": -1 if job.fold is None else job.fold,
         "repeat": job.repeat, "epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay,
         "batch_size": t.batch_size, "views": cfg.views, "seed": t.seed,
+        "stain": cfg.stain, "stain_views": cfg.stain_views,
         "cached": not cfg.no_cache, "select": t.select,
     }  # fmt: skip
 

@@ -19,12 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from breakhis_tl.backbones import build_backbone
-from breakhis_tl.dataset import collate, default_workers
+from breakhis_tl.dataset import collate_noted, default_workers
 from breakhis_tl.errors import UserError
 from breakhis_tl.features import fast_path, pick_device, prepare, run_backbone
 from breakhis_tl.heads import load_head
 from breakhis_tl.images import ImageError, as_rgb
 from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME
+from breakhis_tl.stain import StainSetup
 from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral, normalize
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,11 @@ def expand_inputs(inputs: Input | Iterable[Input]) -> list[Input]:
 
 
 class _InputDataset(Dataset):
-    def __init__(self, items: list[Input], prep: Preprocessing):
-        self.items, self.decode = items, decode_transform(prep)
+    """Inputs decoded as in training: stain-normalised first when the head was (a failed
+    normalisation keeps the image and says why in item 3, as training did)."""
+
+    def __init__(self, items: list[Input], prep: Preprocessing, stain: StainSetup):
+        self.items, self.decode, self.stain = items, decode_transform(prep), stain
 
     def __len__(self) -> int:
         return len(self.items)
@@ -77,7 +81,9 @@ class _InputDataset(Dataset):
             im = as_rgb(item)
         except ImageError as exc:
             return None, i, i, str(exc), (0, 0)
-        return self.decode(im), i, i, "", im.size
+        name = f"<image {i}>" if isinstance(item, Image.Image) else str(item)
+        normalised, note = self.stain.normaliser.apply(im, name)
+        return self.decode(normalised), i, i, note or "", im.size
 
 
 def head_mode(meta: dict, device: torch.device):
@@ -139,6 +145,8 @@ class Classifier:
 
     def __init__(self, backbone, head: torch.nn.Module, meta: dict, device: torch.device):
         self.backbone, self.head, self.meta, self.device = backbone, head, meta, device
+        # the head's stain normalisation, from its recorded target (no reference file needed)
+        self.stain = StainSetup.from_record(meta.get("stain"), meta.get("_extra"))
         self.classes: list[str] = list(meta["classes"])
         self.prep = Preprocessing.from_dict(meta["prep"])
         self.dataset = head_dataset(meta)
@@ -150,11 +158,12 @@ class Classifier:
     def from_head(cls, path: str | Path, device: str = "auto") -> Classifier:
         head, meta = load_head(path)
         bb = build_backbone(meta["arch"], meta["weights"], int(meta.get("seed", 0)))
-        if meta.get("_extra"):  # a random-init backbone's batch-norm statistics
+        bn = {k: v for k, v in meta.get("_extra", {}).items() if not k.startswith("stain.")}
+        if bn:  # a random-init backbone's batch-norm statistics
             from breakhis_tl.calibration import load_bn_state
 
             try:
-                load_bn_state(bb, meta["_extra"])
+                load_bn_state(bb, bn)
             except (ValueError, RuntimeError) as exc:
                 raise UserError(f"Head {path} carries backbone statistics that do not fit "
                                 f"{bb.name} ({exc}).") from None  # fmt: skip
@@ -181,26 +190,28 @@ class Classifier:
         return (total / len(views)).cpu()
 
     def _run(self, items: list[Input], tta: bool, batch_size: int, workers, progress: bool):
-        """Probabilities (NaN rows for unreadable inputs), error messages and the original
-        sizes of the readable images."""
+        """Probabilities (NaN rows for unreadable inputs), error messages, the original sizes
+        of the readable images and the stain-normalisation failures."""
         has_pil = any(isinstance(i, Image.Image) for i in items)
         loader = DataLoader(
-            _InputDataset(items, self.prep),
+            _InputDataset(items, self.prep, self.stain),
             batch_size=batch_size,
-            collate_fn=collate,
+            collate_fn=collate_noted,
             num_workers=0 if has_pil else (default_workers() if workers is None else workers),
         )
         probs = np.full((len(items), len(self.classes)), np.nan)
-        errors, sizes = [""] * len(items), []
-        for x, _, idx, failed, batch_sizes in tqdm(
+        errors, sizes, notes = [""] * len(items), [], [""] * len(items)
+        for x, _, idx, failed, batch_sizes, noted in tqdm(
             loader, desc="predict", unit="batch", disable=not progress or len(loader) < 2
         ):
             for i, msg in failed:
                 errors[i] = msg
+            for i, msg in noted:
+                notes[i] = msg
             sizes.extend(batch_sizes)
             if x is not None:
                 probs[idx.numpy()] = self._probs(x.to(self.device), tta).numpy()
-        return probs, errors, sizes
+        return probs, errors, sizes, notes
 
     def predict(
         self,
@@ -217,7 +228,7 @@ class Classifier:
         if labels not in LABEL_MODES:
             raise UserError(f"Unknown labels mode {labels!r}; choose auto or none.")
         items = expand_inputs(inputs)
-        probs, errors, sizes = self._run(items, tta, batch_size, workers, progress)
+        probs, errors, sizes, notes = self._run(items, tta, batch_size, workers, progress)
         names = [
             f"<image {i}>" if isinstance(it, Image.Image) else str(it) for i, it in enumerate(items)
         ]
@@ -230,7 +241,9 @@ class Classifier:
         for k, c in enumerate(self.classes):
             df[f"prob_{c}"] = probs[:, k]
         df["error"] = errors
-        for msg in filter(None, errors):
+        if self.stain.method != "none":  # normalised as in training, or why not
+            df["stain_note"] = notes
+        for msg in filter(None, errors + notes):
             log.warning("%s", msg)
         warning = domain_warning(names, sizes, self.dataset, self.classes)
         if warning:

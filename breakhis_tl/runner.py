@@ -50,6 +50,7 @@ from breakhis_tl.outputs import (
 from breakhis_tl.plots import CURVE_METRICS, plot_comparison
 from breakhis_tl.recipes import RECIPES, apply_recipe
 from breakhis_tl.splits import TASKS, check_classes, class_names, target_column
+from breakhis_tl.stain import StainNormaliser, StainSetup
 from breakhis_tl.training import TrainConfig
 from breakhis_tl.transforms import N_VIEWS
 
@@ -76,6 +77,9 @@ class RunConfig:
     recipe: str = "default"  # default, or eva (the eva benchmark's head recipe)
     repeats: int | None = None  # heads per fold, other seeds (features once); None: 1, eva 5
     views: int = 1  # cached dihedral views of each training image (1-8)
+    stain: str = "none"  # stain normalisation of every image: none, macenko or reinhard
+    stain_ref: str | None = None  # reference image of the normalisation (None: library's)
+    stain_views: int = 0  # HED-jittered copies of each training image, cached like views
     no_cache: bool = False  # end to end: backbone pass every epoch (slow baseline)
     strict: bool = False  # stop at the first unreadable image instead of skipping it
     device: str = "auto"
@@ -166,6 +170,8 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    if cfg.stain_views < 0:
+        raise UserError(f"--stain-views must be 0 or more, not {cfg.stain_views}.")
     if cfg.views > 1 and cfg.no_cache:
         raise UserError("--views caches views; with --no-cache, augmentation is online already.")
     for part in cfg.weights.split(","):
@@ -318,7 +324,20 @@ def _wait_for_decision(bb, device, precision: str, folder: Path, timeout: float 
         time.sleep(2)
 
 
-def extract_features(cfg, data: Data, backbones, device, cache, store, modes, shard=None):
+def make_stain(cfg: RunConfig) -> StainSetup:
+    """The run's stain setup; a bad method or reference stops here, before any long work."""
+    normaliser = StainNormaliser(cfg.stain, cfg.stain_ref)
+    return StainSetup(normaliser, cfg.stain_views, cfg.train.seed)
+
+
+def view_pairs(cfg: RunConfig) -> list[tuple[int, int]]:
+    """(dihedral view, stain view) of every cached training copy but the image itself."""
+    pairs = [(v, sv) for v in range(cfg.views) for sv in range(cfg.stain_views + 1)]
+    return pairs[1:]
+
+
+def extract_features(cfg, data: Data, backbones, device, cache, store, modes, stain,
+                     shard=None):  # fmt: skip
     """Each distinct backbone over every image, its views over the training images."""
     rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
     distinct, train_rows = {}, {}
@@ -334,14 +353,15 @@ def extract_features(cfg, data: Data, backbones, device, cache, store, modes, sh
         requests.append(Request(bb, 0, all_rows, modes.get(key)))
         vr = np.array(sorted(train_rows[key]), dtype=np.int64)
         view_pos[key] = {int(r): i for i, r in enumerate(vr)}
-        requests += [Request(bb, v, vr, modes.get(key)) for v in range(1, cfg.views)]
+        requests += [Request(bb, v, vr, modes.get(key), sv) for v, sv in view_pairs(cfg)]
     paths = data.images["path"].tolist()
     got, report = extract(paths, requests, cache, device, cfg.extract_batch, cfg.workers,
-                          cfg.strict, progress=cfg.progress, store=store, shard=shard)  # fmt: skip
+                          cfg.strict, progress=cfg.progress, store=store, shard=shard,
+                          stain=stain)  # fmt: skip
     feats = {}
     for req, (f, ok) in zip(requests, got, strict=True):
-        feats[(req.backbone.name, req.backbone.weights_id, req.view)] = (f, ok)
-        if req.view == 0:
+        feats[(req.backbone.name, req.backbone.weights_id, req.view, req.stain_view)] = (f, ok)
+        if req.view == 0 and req.stain_view == 0:
             check_features(req.backbone.name, f, ok)
     if report.extracted:
         log.info("Extracted %d image feature(s); %d feature set(s) came wholly from the cache.",
@@ -358,6 +378,7 @@ def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict
     processes sharing a cache folder split the work with no other coordination."""
     cfg = resolve_protocol(apply_recipe(cfg))
     validate(cfg)
+    stain = make_stain(cfg)
     device = pick_device(cfg.device)
     task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "data" / "cache"
@@ -368,9 +389,11 @@ def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict
     check_pictures(cfg, data, task, store)
     modes = compute_modes(cfg, backbones, device, cache_root, shard)
     cache = FeatureCache(cache_root / "features")
-    _, _, report = extract_features(cfg, data, backbones, device, cache, store, modes, shard)
+    _, _, report = extract_features(cfg, data, backbones, device, cache, store, modes, stain,
+                                    shard)  # fmt: skip
     return {"images": len(data.images), "extracted": report.images_extracted,
-            "failed": len(report.failed), "cache": str(cache.root),
+            "failed": len(report.failed), "stain_fallbacks": len(report.stain_fallbacks),
+            "cache": str(cache.root),
             "modes": {f"{a}": m.describe() for (a, _), m in modes.items()}}  # fmt: skip
 
 
@@ -388,15 +411,17 @@ class _Context:
     device: torch.device
     modes: dict  # (arch, weights id) -> FastPath
     folders: dict[str, Path]
-    feats: dict  # (arch, weights id, view) -> (fp16 features, ok mask)
+    feats: dict  # (arch, weights id, view, stain view) -> (fp16 features, ok mask)
     view_pos: dict  # (arch, weights id) -> {image row: position in that view's features}
     stop: StopFlag
     versions: dict
+    stain: StainSetup
+    fallbacks: dict  # image path -> why its stain normalisation failed
     writers: dict = field(default_factory=dict)
     hparam_domains: dict = field(default_factory=dict)  # TensorBoard reads one head's domains
 
 
-def head_jobs(cfg: RunConfig, data: Data, backbones) -> list[headjob.HeadJob]:
+def head_jobs(cfg: RunConfig, data: Data, backbones, stain: StainSetup) -> list[headjob.HeadJob]:
     rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
     jobs = []
     for arch in cfg.archs:
@@ -415,6 +440,7 @@ def head_jobs(cfg: RunConfig, data: Data, backbones) -> list[headjob.HeadJob]:
                     from breakhis_tl.calibration import bn_state
 
                     job.extras = bn_state(job.backbone)
+                job.extras.update(stain.params())
                 jobs.append(job)
     return jobs
 
@@ -456,6 +482,7 @@ def resolve_protocol(cfg: RunConfig) -> RunConfig:
 def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     cfg = resolve_protocol(apply_recipe(cfg))
     validate(cfg)
+    stain = make_stain(cfg)
     out, run = Path(cfg.out), cfg.run or default_run_name()
     folders = run_folders(out, run)
     check_run_name(folders, cfg.overwrite)
@@ -476,13 +503,16 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     else:
         cache = FeatureCache(cache_root / "features")
         feats, view_pos, report = extract_features(
-            cfg, data, backbones, device, cache, store, modes
+            cfg, data, backbones, device, cache, store, modes, stain
         )
+    paths = data.images["path"].tolist()
+    fallbacks = {paths[r]: m for r, m in (report.stain_fallbacks if report else {}).items()}
     open_run_folders(folders, cfg.overwrite)
     write_split(data.plan, folders["models"] / "split.csv")
     ctx = _Context(cfg, run, task, classes, data.plan.protocol, data.plan.group_by, command,
-                   device, modes, folders, feats, view_pos, StopFlag(), versions())  # fmt: skip
-    jobs = head_jobs(cfg, data, backbones)
+                   device, modes, folders, feats, view_pos, StopFlag(), versions(), stain,
+                   fallbacks)  # fmt: skip
+    jobs = head_jobs(cfg, data, backbones, stain)
     ctx.hparam_domains = {
         "arch": sorted({j.backbone.name for j in jobs}),
         "fold": sorted({-1 if j.fold is None else int(j.fold) for j in jobs}),
@@ -531,6 +561,7 @@ def write_run_outputs(ctx: _Context, results, history, predictions, done) -> Non
         "protocol": ctx.protocol, "group_by": ctx.group_by, "config": ctx.cfg.to_dict(),
         "data": str(Path(_resolve_data_quiet(ctx.cfg)).resolve()),
         "compute": {f"{a} ({w})": m.describe() for (a, w), m in ctx.modes.items()},
+        "stain": ctx.stain.record(), "stain_fallbacks": ctx.fallbacks,
         "versions": ctx.versions,
     }, models / "config.json")  # fmt: skip
     histories = {d["name"]: d["history"] for d in done}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,9 +40,13 @@ from breakhis_tl.identity import sha256_file
 if TYPE_CHECKING:  # torch is imported only when a normaliser is built
     import torch
 
+log = logging.getLogger(__name__)
+
 FORMAT = "breakhis_tl.stain/1"
 METHODS = ("none", "macenko", "reinhard")
 LIBRARY_DEFAULT = "library-default"
+# The fitted target of each method (torchstain's attribute names): all a normaliser needs.
+PARAMS = {"macenko": ("HERef", "maxCRef"), "reinhard": ("target_means", "target_stds")}
 # torchstain's Macenko defaults: transmitted light, angle percentile, transparency threshold.
 IO, ALPHA, BETA = 240, 1, 0.15
 # A pixel is tissue when its optical density is >= BETA in every channel (Macenko's own test).
@@ -161,6 +166,30 @@ class StainNormaliser:
 
     def __repr__(self) -> str:
         return f"StainNormaliser({self.method!r}, ref={self.ref_path or self.ref!r})"
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The fitted target, so a head file can rebuild this normaliser without `ref`."""
+        if self._norm is None:
+            return {}
+        names = PARAMS[self.method]
+        return {n: getattr(self._norm, n).detach().float().clone() for n in names}
+
+    @classmethod
+    def from_params(
+        cls, method: str, ref: str, params: dict[str, torch.Tensor], ref_path: str | None = None
+    ) -> StainNormaliser:
+        """The normaliser a head was trained with, from its recorded target (`params`)."""
+        self = cls.__new__(cls)
+        self.method, self.ref, self.ref_path = method, ref, ref_path
+        self._norm = None
+        if method != "none":
+            missing = [n for n in PARAMS[method] if n not in params]
+            if missing:
+                raise UserError(f"The {method} stain target lacks {', '.join(missing)}.")
+            self._norm = _fit(method, None)
+            for n in PARAMS[method]:
+                setattr(self._norm, n, params[n].float())
+        return self
 
     def identity(self) -> str:
         """What the output depends on: for the feature-cache key and the head metadata."""
@@ -309,3 +338,77 @@ def jitter_identity(sigma: float = HED_LIGHT) -> str:
         f"{FORMAT};hed-jitter;sigma={sigma!r};matrix=ruifrok-johnston;"
         f"rng=pcg64-seedsequence;numpy={np.__version__}"
     )
+
+
+# ---- A run's stain settings ---------------------------------------------------------------
+class StainSetup:
+    """One normaliser for every image, and `views` HED-jittered copies of each training image.
+
+    Stain view 0 is the (normalised) image itself; views 1..`views` are its jittered copies,
+    drawn from (seed, image content id, view), so they are the same in every run with the same
+    seed and can be cached like the dihedral views.
+    """
+
+    def __init__(
+        self,
+        normaliser: StainNormaliser | None = None,
+        views: int = 0,
+        seed: int = 0,
+        sigma: float = HED_LIGHT,
+    ):
+        if views < 0:
+            raise UserError(f"--stain-views must be 0 or more, not {views}.")
+        self.normaliser = normaliser or StainNormaliser()
+        self.views, self.seed, self.sigma = views, seed, sigma
+
+    @property
+    def method(self) -> str:
+        return self.normaliser.method
+
+    def key(self, view: int = 0) -> str:
+        """The feature-cache part of stain view `view`; untouched images keep the key "none"
+        they had before stain options existed, so their cached features stay valid."""
+        base = self.normaliser.identity()
+        if view == 0:
+            return base
+        return f"{base}|{jitter_identity(self.sigma)};seed={self.seed};view={view}"
+
+    def prepare(
+        self, image: Image.Image, name: str, key: str, n_views: int = 1
+    ) -> tuple[list[Image.Image], str]:
+        """Stain views 0..n_views-1 of one decoded image, and the fallback message ("" when
+        normalisation worked or was not asked for): a failed image goes on unnormalised."""
+        image, note = self.normaliser.apply(image, name)
+        return [stain_view(image, self.seed, key, v, self.sigma) for v in range(n_views)], (
+            note or ""
+        )
+
+    def record(self) -> dict:
+        """What a head file keeps (with `params()` as tensors) to normalise as in training."""
+        return {
+            "method": self.method, "ref": self.normaliser.ref,
+            "ref_path": self.normaliser.ref_path, "identity": self.key(0),
+            "views": self.views, "sigma": self.sigma, "seed": self.seed,
+        }  # fmt: skip
+
+    def params(self) -> dict:
+        return {f"stain.{k}": v for k, v in self.normaliser.params().items()}
+
+    @classmethod
+    def from_record(cls, record: dict | None, tensors: dict | None = None) -> StainSetup:
+        """The setup a head was trained with; a head from before stain options: none."""
+        if not record or record.get("method", "none") == "none":
+            return cls()
+        params = {k.removeprefix("stain."): v for k, v in (tensors or {}).items()
+                  if k.startswith("stain.")}  # fmt: skip
+        norm = StainNormaliser.from_params(
+            record["method"], record["ref"], params, record.get("ref_path")
+        )
+        if norm.identity() != record.get("identity", norm.identity()):
+            log.warning(
+                "This head's stain normalisation was computed with %s; this machine has %s, "
+                "so its normalised images may differ slightly.", record["identity"],
+                norm.identity(),
+            )  # fmt: skip
+        return cls(norm, int(record.get("views", 0)), int(record.get("seed", 0)),
+                   float(record.get("sigma", HED_LIGHT)))  # fmt: skip

@@ -200,14 +200,19 @@ def end_to_end_batches(
     device,
     path,
     workers: int | None = None,
+    stain=None,
 ) -> Callable[[int], Batches]:
     """Every epoch, every training image through the frozen backbone with online augmentation:
-    what most tutorials do, and the baseline the feature cache is measured against."""
-    from breakhis_tl.dataset import ImageDataset, make_loader
+    what most tutorials do, and the baseline the feature cache is measured against. `stain`
+    (a StainSetup) normalises each image and, with stain views, jitters it afresh each epoch."""
+    from breakhis_tl.dataset import ImageDataset, OnlineStain, make_loader
     from breakhis_tl.features import run_backbone
     from breakhis_tl.transforms import train_preset
 
-    ds = ImageDataset(paths, train_preset(backbone.prep), labels.tolist())
+    transform = train_preset(backbone.prep)
+    if stain is not None and (stain.method != "none" or stain.views):
+        transform = OnlineStain(stain, transform)
+    ds = ImageDataset(paths, transform, labels.tolist())
 
     def batches(epoch: int) -> Batches:
         torch.manual_seed(seed * 1000 + epoch)
@@ -222,21 +227,33 @@ def end_to_end_batches(
 
 
 def end_to_end_features(
-    backbone, paths: list[str], batch_size: int, device, path, workers: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-preset features of `paths` computed now (no cache): (features, ok mask)."""
-    from breakhis_tl.dataset import ImageDataset, make_loader
+    backbone,
+    paths: list[str],
+    batch_size: int,
+    device,
+    path,
+    workers: int | None = None,
+    stain=None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+    """Eval-preset features of `paths` computed now (no cache): (features, ok mask, and the
+    images whose stain normalisation failed, by position, with why)."""
+    from breakhis_tl.dataset import StainedImages, collate_noted, make_loader
     from breakhis_tl.features import run_backbone
-    from breakhis_tl.transforms import eval_preset
+    from breakhis_tl.stain import StainSetup
+    from breakhis_tl.transforms import decode_transform, normalize
 
-    ds = ImageDataset(paths, eval_preset(backbone.prep))
+    stain = stain or StainSetup()
+    ds = StainedImages(paths, decode_transform(backbone.prep), stain, paths, [1] * len(paths))
     feats = torch.zeros(len(paths), backbone.feature_dim)
     ok = torch.zeros(len(paths), dtype=torch.bool)
-    for x, _, idx, _, _ in make_loader(ds, batch_size, workers):
+    notes: dict[int, str] = {}
+    for x, _, idx, _, _, noted in make_loader(ds, batch_size, workers, collate_fn=collate_noted):
+        notes.update(noted)
         if x is not None:
-            feats[idx] = run_backbone(backbone, x.to(device), path).cpu()
+            x = normalize(x[:, 0].to(device), backbone.prep)
+            feats[idx] = run_backbone(backbone, x, path).cpu()
             ok[idx] = True
-    return feats, ok
+    return feats, ok, notes
 
 
 LOGREG_C = tuple(float(c) for c in np.logspace(-4, 2, 7))  # inverse regularisation strengths
