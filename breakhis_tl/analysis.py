@@ -643,8 +643,9 @@ def leakage_study_for(
     run: Run, out_dir: str | Path, arch: str | None = None, data_dir: str | Path | None = None,
     **kwargs,
 ) -> LeakageStudy:  # fmt: skip
-    """The leakage study on a finished run's data, task, magnification, weights, patient key
-    and head (its first architecture unless `arch` is named); `kwargs` go to leakage_study."""
+    """The leakage study on a finished run's data, task, magnification, weights, patient key,
+    stain setup, input size and head (its first architecture unless `arch` is named);
+    `kwargs` go to leakage_study."""
     from breakhis_tl.runner import weights_for
 
     s = run_settings(run, data_dir)
@@ -653,7 +654,10 @@ def leakage_study_for(
     if cache and Path(cache).is_absolute():
         kwargs.setdefault("cache_dir", cache)
     kwargs.setdefault("run_prefix", f"{run.name}_leakage")
-    kwargs.setdefault("train", run_config(run).train)  # the run's own head and settings
+    saved = run_config(run)
+    kwargs.setdefault("train", saved.train)  # the run's own head and settings
+    for name in ("stain", "stain_ref", "stain_views", "input_size"):  # and its images
+        kwargs.setdefault(name, getattr(saved, name))
     return leakage_study(
         s["data"], arch, out_dir, dataset=s["dataset"], task=s["task"],
         magnification=s["magnification"], weights=weights_for(s["weights"], arch),

@@ -15,6 +15,7 @@ Pooled features (what a head sees), per architecture:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -288,6 +289,33 @@ def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbo
     if weights == "default":
         wid = default_weights_id(name)
     return Backbone(name, weights, wid, spec.feature_dim, spec.prep, freeze(module))
+
+
+MIN_INPUT = {"inception_v3": 75}  # its stem needs at least this; other CNNs take 32 px
+
+
+def with_input_size(bb: Backbone, size: int) -> Backbone:
+    """The same frozen backbone fed `size`-px images (shorter side resized to it, then the
+    centre square): a CNN pools globally, so it takes any size down to its minimum, and
+    small patches (IDC's 50x50) need not be upscaled to 224. A model whose size is fixed
+    (a ViT's position embeddings) is refused in one sentence, found by trying one image."""
+    if size == bb.prep.input_size:
+        return bb
+    if size < MIN_INPUT.get(bb.name, 32):
+        raise UserError(
+            f"--input-size {size} is too small for {bb.name}; use {MIN_INPUT.get(bb.name, 32)} "
+            "px or more."
+        )
+    try:
+        bb.module(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{bb.name} cannot take {size}-px images (its input size is fixed at "
+            f"{bb.prep.input_size}: {first}); leave --input-size out for it."
+        ) from None
+    prep = dataclasses.replace(bb.prep, input_size=size, resize_size=size)
+    return dataclasses.replace(bb, prep=prep)
 
 
 def _is_download_failure(exc: BaseException) -> bool:

@@ -64,6 +64,16 @@ def _stain_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _input_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-size",
+        type=positive_int,
+        default=None,
+        help="px fed to CNN backbones (resize shorter side, centre crop); default: each "
+        "backbone's own (224, inception 299). E.g. 96 for IDC's 50x50 patches",
+    )
+
+
 def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="binary (default) or subtype")
     p.add_argument("--magnification", default="all", help="all, or a list such as 40X,200X")
@@ -212,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cached flips/90-degree rotations per training image (1-8)",
     )
     _stain_args(p)
+    _input_size_arg(p)
     p.add_argument(
         "--no-cache",
         action="store_true",
@@ -249,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", default=None, help="a split written by `split --out`")
     p.add_argument("--views", type=positive_int, default=1, help="views per training image")
     _stain_args(p)
+    _input_size_arg(p)
     p.add_argument("--shard", default=None, help="i/N: this process's part (0-based)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -395,7 +407,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         split_file=args.split_file, folds_csv=args.folds_csv, eva_holdout=args.eva_holdout,
         val_frac=args.val_frac, test_frac=args.test_frac, recipe=args.recipe,
         repeats=args.repeats, views=args.views, stain=args.stain, stain_ref=args.stain_ref,
-        stain_views=args.stain_views, no_cache=args.no_cache, strict=args.strict,
+        stain_views=args.stain_views, input_size=args.input_size, no_cache=args.no_cache,
+        strict=args.strict,
         device=args.device, precision=args.precision, run=args.run, overwrite=args.overwrite,
         out=args.out,
         cache_dir=args.cache_dir, workers=args.workers,
@@ -461,7 +474,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         split_file=args.split_file, folds_csv=args.folds_csv, eva_holdout=args.eva_holdout,
         val_frac=args.val_frac, test_frac=args.test_frac, views=args.views, strict=args.strict,
         stain=args.stain, stain_ref=args.stain_ref, stain_views=args.stain_views,
-        device=args.device, precision=args.precision, out=args.out, cache_dir=args.cache_dir,
+        input_size=args.input_size, device=args.device, precision=args.precision, out=args.out,
+        cache_dir=args.cache_dir,
         workers=args.workers, train=TrainConfig(seed=args.seed),
     )  # fmt: skip
     done = run_extraction(cfg, shard)

@@ -201,8 +201,8 @@ def result_rows(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
             "weights": job.backbone.weights_id, "head": t.head, "recipe": cfg.recipe,
             "select": t.select, "task": ctx.task, "protocol": ctx.protocol,
             "group_by": ctx.group_by, "views": cfg.views, "compute": job_mode(ctx, job).describe(),
-            "stain": cfg.stain, "stain_views": cfg.stain_views,
-            "stain_fallbacks": stain_fallbacks(ctx, job),
+            "input_size": job.backbone.prep.input_size, "stain": cfg.stain,
+            "stain_views": cfg.stain_views, "stain_fallbacks": stain_fallbacks(ctx, job),
             "cached": not cfg.no_cache, "interrupted": result.interrupted,
         })  # fmt: skip
     return rows
@@ -262,6 +262,7 @@ def hparams(ctx, job: HeadJob) -> dict:
         "repeat": job.repeat, "epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay,
         "batch_size": t.batch_size, "views": cfg.views, "seed": t.seed,
         "stain": cfg.stain, "stain_views": cfg.stain_views,
+        "input_size": job.backbone.prep.input_size,
         "cached": not cfg.no_cache, "select": t.select,
     }  # fmt: skip
 

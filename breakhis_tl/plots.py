@@ -311,3 +311,46 @@ def image_grid(paths, titles=None, cols: int = 4):
             ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def stain_figure(paths, ref=None, seed: int = 0, size: int = 224):
+    """The same images as they are, under each normalisation and as two HED-light stain
+    views: what `--stain` and `--stain-views` feed the backbone (a centre crop of `size`,
+    the backbone's own crop). A failed normalisation shows the image unchanged, titled so.
+    `ref`: the reference image of both normalisations (None: Macenko's library reference,
+    and Reinhard fitted on the first image)."""
+    from breakhis_tl.images import load_rgb
+    from breakhis_tl.stain import StainNormaliser, stain_view
+
+    methods = {"as scanned": None, "Macenko": StainNormaliser("macenko", ref),
+               "Reinhard": StainNormaliser("reinhard", ref or paths[0])}  # fmt: skip
+    titles = [*methods, "HED-light view 1", "HED-light view 2"]
+    fig, axes = plt.subplots(len(paths), len(titles), figsize=(2.3 * len(titles), 2.5 * len(paths)),
+                             squeeze=False)  # fmt: skip
+    for row, path in zip(axes, paths, strict=True):
+        image = load_rgb(path)
+        shown = []
+        for name, norm in methods.items():
+            out, note = (image, None) if norm is None else norm.apply(image, str(path))
+            shown.append((out, f"{name}\n(failed: unchanged)" if note else name))
+        shown += [(stain_view(image, seed, str(path), v), titles[2 + v]) for v in (1, 2)]
+        for ax, (im, title) in zip(row, shown, strict=True):
+            ax.imshow(_centre(im, size))
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        row[0].text(-0.04, 0.5, Path(path).stem, transform=row[0].transAxes, rotation=90,
+                    va="center", ha="right", fontsize=7)  # fmt: skip
+    target = Path(ref).name if ref else f"torchstain's (Macenko), {Path(paths[0]).name} (Reinhard)"
+    fig.suptitle(f"Stain normalisation and HED-light jitter; reference: {target}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _centre(image, size: int):
+    """What the backbone sees: shorter side resized to `size`, then the centre square."""
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))))
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))

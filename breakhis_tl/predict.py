@@ -167,6 +167,10 @@ class Classifier:
             except (ValueError, RuntimeError) as exc:
                 raise UserError(f"Head {path} carries backbone statistics that do not fit "
                                 f"{bb.name} ({exc}).") from None  # fmt: skip
+        if int(meta["prep"]["input_size"]) != bb.prep.input_size:  # trained at --input-size
+            from breakhis_tl.backbones import with_input_size
+
+            bb = with_input_size(bb, int(meta["prep"]["input_size"]))
         if bb.feature_dim != int(meta["feature_dim"]):
             raise UserError(
                 f"Head {path} expects {meta['feature_dim']}-d features, but the {bb.name} "

@@ -21,7 +21,13 @@ import pandas as pd
 import torch
 
 from breakhis_tl import __version__, headjob
-from breakhis_tl.backbones import DEFAULT_ARCHS, Backbone, build_backbone, check_arch
+from breakhis_tl.backbones import (
+    DEFAULT_ARCHS,
+    Backbone,
+    build_backbone,
+    check_arch,
+    with_input_size,
+)
 from breakhis_tl.errors import UserError
 from breakhis_tl.fastpath import PRECISIONS, choose
 from breakhis_tl.features import (
@@ -80,6 +86,7 @@ class RunConfig:
     stain: str = "none"  # stain normalisation of every image: none, macenko or reinhard
     stain_ref: str | None = None  # reference image of the normalisation (None: library's)
     stain_views: int = 0  # HED-jittered copies of each training image, cached like views
+    input_size: int | None = None  # px fed to CNN backbones; None: each backbone's own (224)
     no_cache: bool = False  # end to end: backbone pass every epoch (slow baseline)
     strict: bool = False  # stop at the first unreadable image instead of skipping it
     device: str = "auto"
@@ -162,6 +169,10 @@ def validate(cfg: RunConfig) -> None:
         (1 <= cfg.views <= N_VIEWS, f"--views must be between 1 and {N_VIEWS}, not {cfg.views}."),
         (cfg.cv is None or cfg.cv >= 2, f"--cv must be at least 2, not {cfg.cv}."),
         (cfg.repeats >= 1, f"--repeats must be at least 1, not {cfg.repeats}."),
+        (
+            cfg.input_size is None or cfg.input_size >= 32,
+            f"--input-size must be at least 32 px, not {cfg.input_size}.",
+        ),
         (
             cfg.precision in PRECISIONS,
             f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}.",
@@ -277,15 +288,19 @@ def build_backbones(cfg: RunConfig, data: Data) -> dict[tuple[str, int | None], 
     each fold's own training images, so a baseline never sees its test images."""
     from breakhis_tl.calibration import calibrate, has_batchnorm
 
+    def build(arch, weights):
+        bb = build_backbone(arch, weights, cfg.train.seed)
+        return with_input_size(bb, cfg.input_size) if cfg.input_size else bb
+
     out = {}
     for arch in cfg.archs:
         weights = weights_for(cfg.weights, arch)
-        base = build_backbone(arch, weights, cfg.train.seed)
+        base = build(arch, weights)
         for i, (k, split) in enumerate(data.plan.folds):
             if weights != "none" or not has_batchnorm(base):
                 out[(arch, k)] = base
                 continue
-            bb = base if i == 0 else build_backbone(arch, weights, cfg.train.seed)
+            bb = base if i == 0 else build(arch, weights)
             train = split.loc[split["split"] == "train", "path"].tolist()
             out[(arch, k)] = calibrate(bb, train, cfg.train.seed, cfg.extract_batch, cfg.workers)
     return out

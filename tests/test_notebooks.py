@@ -27,6 +27,10 @@ TRAINING_PARAMS = {
     "protocol",
     "epochs",
     "views",
+    "stain",
+    "stain_ref",
+    "stain_views",
+    "input_size",
     "seed",
     "run_name",
     "out_dir",
@@ -116,12 +120,15 @@ def test_training_then_analysis_notebooks(out, tmp_path):
     data = _shared("breakhis_real")
     trained = _run("01_training.ipynb", tmp_path / "01.ipynb", {
         "data_dir": str(data), "archs": ["efficientnet_lite0"], "epochs": 3, "run_name": "nb",
-        "out_dir": str(out), "group_by": "slide", "repeats": 1,
+        "out_dir": str(out), "group_by": "slide", "repeats": 1, "stain": "macenko",
+        "stain_views": 1,
     })  # fmt: skip
     models = out / "trained_models" / "nb"
     for f in ("efficientnet_lite0.pt", "results.csv", "predictions.csv", "config.json"):
         assert (models / f).is_file()
-    assert len(pd.read_csv(models / "results.csv")) == 2  # val and test
+    results = pd.read_csv(models / "results.csv")
+    assert len(results) == 2  # val and test
+    assert set(results["stain"]) == {"macenko"} and set(results["stain_views"]) == {1}
     assert (out / "summary_writers" / "nb").is_dir()
     assert (out / "validation_graphs" / "nb" / "compare_f1.png").is_file()
     assert _images(trained) >= 2  # a sample grid and the curves figure, inline
@@ -136,7 +143,7 @@ def test_training_then_analysis_notebooks(out, tmp_path):
         "out_dir": str(out), "run_name": "nb", "leakage_epochs": 3, "leakage_seeds": 2,
         "leakage_test_frac": 0.3, "cam_images": 2,
     })  # fmt: skip
-    assert _images(analysed) >= 3  # confusion matrix, ROC, Grad-CAM grid
+    assert _images(analysed) >= 4  # confusion matrix, ROC, Grad-CAM grid, stain figure
     assert len(list((models / "gradcam" / "efficientnet_lite0").glob("*.png"))) == 2
     text = _text(analysed)
     assert "bal. acc. 95% CI" in text and "caveat" in text  # the interval fits the page
@@ -152,6 +159,7 @@ def test_training_then_analysis_notebooks(out, tmp_path):
     assert Path(config["data"]) == data.resolve()
     assert len([r for r in runs if r.startswith("nb_groupby_")]) == 2
     assert "accession" in text
+    assert "This run's stain settings: {'method': 'macenko'" in text
 
 
 def test_analysis_notebook_on_a_command_line_run(out, tmp_path):
