@@ -1,5 +1,6 @@
 """--input-size: CNNs take small patches without upscaling to 224; fixed-size models refuse."""
 
+import json
 import subprocess
 import sys
 
@@ -58,3 +59,17 @@ def test_command_line_refuses_input_size_for_a_vit(breakhis_sample, tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "vit_b_16 cannot take 96-px images" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_input_size_benchmark_runs_on_real_patches(idc_sample, tmp_path):
+    """Smoke test (no timing asserted): one JSON row per (architecture, size)."""
+    done = subprocess.run(
+        [sys.executable, "input_size.py", "--data", str(idc_sample), "--images", "4",
+         "--sizes", "64,224", "--archs", "efficientnet_lite0", "--repeats", "1", "--batch", "4",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO / "benchmarks",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["input_size"] for r in rows] == [64, 224]
+    assert rows[1]["vs_224"] == 1.0 and rows[0]["images_per_s"] > 0 and "cpu_flags" in rows[0]
