@@ -6,8 +6,8 @@ Everything is eva's recipe (linear head, plain cross-entropy, AdamW 3e-4, batch 
 steps instead of 12,500. `--recipe eva` replaces every head option, so no command-line option
 (`--epochs`, `--patience`, ...) can shorten it; the budget is lowered in `recipes.EVA_TRAIN`
 itself, which `apply_recipe` reads, and the head files must then record 250. The unshortened
-recipe ran 1,473 epochs for one head here (best epoch 973, 9 minutes on a loaded 2-core CPU;
-all five: 19 minutes), too slow for a test. With 250 steps, 5 steps an epoch on eva's 1,132
+recipe ran 1,473 epochs for one head here (best epoch 973) and 19 minutes for the five on a
+loaded 2-core CPU, too slow for a test. With 250 steps, 5 steps an epoch on eva's 1,132
 training images, each run stops at epoch 50 by the budget (patience 500 never triggers).
 
 It runs on one torch thread: a head step (a 256x1280 by 1280x4 product) takes 1 ms on one
