@@ -107,6 +107,30 @@ def peak_rss_mib() -> float:
     return max(own, kids) / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (VmHWM, and with it ru_maxrss) to its current
+    resident set (Linux 4.0+: 5 to /proc/self/clear_refs); False where that is not possible,
+    and then every peak read afterwards is the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mib() -> float:
+    """Peak resident set of this process since the last `reset_peak_rss` (since its start
+    where none was possible): VmHWM, else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -7,6 +7,7 @@ unmeasured default mode (`--compute default`) on one small backbone.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,14 @@ CASES = {
     ),
     "extraction_throughput.py": (
         "--archs mobilenet_v2 --images 4 --batch 2 --repeats 1 --choose-batch 2".split(),
-        {"fp32_images_per_s", "fast_images_per_s", "speedup", "vs_best", "vs_unfolded"},
+        {
+            "fp32_images_per_s",
+            "fast_images_per_s",
+            "speedup",
+            "vs_best",
+            "vs_unfolded",
+            "peak_rss_mib",
+        },  # fmt: skip
     ),
     "decode_once.py": (
         ["--archs", "mobilenet_v2,efficientnet_lite0", "--images", "4"],
@@ -138,3 +146,87 @@ def test_foundation_presets_take_their_own_batch_size():
     assert preset_batch("h_optimus_0", 8) == 32
     assert preset_batch("mobilenet_v2", 8) == 8
     assert low_precision("phikon", torch.device("cpu")) == torch.bfloat16
+
+
+def throughput(args: list[str], tmp_path, **env: str) -> list[dict]:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "extraction_throughput.py"), *args,
+           "--workdir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, **env})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_extraction_throughput_takes_a_weights_file_and_named_modes(tmp_path):
+    """--weights FILE on a tiny timm ViT, --modes fp32,bf16 (no choose: nothing is written to
+    the dispatch cache), a peak resident set per row."""
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    args = ["--archs", "timm:test_vit", "--weights", str(tmp_path / "w.safetensors"), "--modes",
+            "fp32,bf16", "--images", "2", "--repeats", "2", "--threads", "1"]  # fmt: skip
+    dispatch = tmp_path / "dispatch"
+    records = throughput(args, tmp_path, BREAKHIS_TL_DISPATCH_DIR=str(dispatch))
+    summary, rows = records[0], [r for r in records if not r.get("summary")]
+    assert summary["summary"] and summary["arch"] == "timm:test_vit"
+    assert set(summary["modes"]) == {"fp32", "bfloat16"} and "fast_path" not in summary
+    assert [r["mode"] for r in rows] == ["fp32", "bfloat16"]
+    for r in rows:
+        assert r["weights_id"].startswith("file-") and r["batch"] == 32 and r["repeats"] == 2
+        assert r["input_size"] == 160  # timm's own preprocessing for the model
+        assert 0 < r["peak_rss_mib"] <= r["process_peak_rss_mib"]
+        assert r["min_images_per_s"] <= r["images_per_s"] <= r["max_images_per_s"]
+    assert rows[0]["vs_fp32"] == 1.0 and rows[0]["cosine_min"] == pytest.approx(1.0)
+    assert not dispatch.exists()
+
+
+def test_extraction_throughput_runs_a_foundation_preset_with_random_weights(tmp_path):
+    """The smallest preset (phikon, ViT-B/16) by name: random weights without --weights (no
+    download), the preset's own batch (64) and preprocessing, its memory estimate beside
+    the measured peak."""
+    from breakhis_tl.foundation import PRESETS
+
+    args = ["--archs", "phikon", "--modes", "fp32", "--images", "2", "--repeats", "1",
+            "--threads", "1"]  # fmt: skip
+    (summary, row) = throughput(args, tmp_path)
+    assert summary["arch"] == row["arch"] == "phikon" and row["weights"] == "none"
+    assert row["weights_id"] == "none-seed0" and row["batch"] == PRESETS["phikon"].batch_size
+    assert row["input_size"] == PRESETS["phikon"].prep.input_size
+    assert row["images_per_s"] > 0 and row["peak_rss_mib"] > 300  # 86M fp32 weights alone
+    assert row["estimated_peak_mib"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--archs", "mobilenet_v2", "--weights", "nowhere.pt"], "nowhere.pt is not a file"),
+        (["--archs", "mobilenet_v2", "--modes", "fp32,int8"], "Unknown mode 'int8'"),
+        (["--archs", "no_such_net"], "Unknown architecture 'no_such_net'"),
+    ],
+)
+def test_extraction_throughput_refuses_bad_options_in_one_sentence(args, message, tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "extraction_throughput.py"), *args,
+           "--workdir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_extraction_throughput_weights_and_batch_defaults():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from extraction_throughput import batch_for, parse_mode, weights_for
+
+    from breakhis_tl import fastpath as F
+
+    assert weights_for(None, "efficientnet_lite0") == "default"
+    assert weights_for(None, "uni") == weights_for(None, "resnet50") == "none"
+    assert weights_for("none", "efficientnet_lite0") == "none"
+    assert weights_for("default,uni=none", "uni") == "none"
+    assert weights_for("default,uni=none", "resnet50") == "default"
+    assert batch_for("h_optimus_0", None) == 32 and batch_for("uni", None) == 64
+    assert batch_for("resnet50", None) == 32 and batch_for("uni", 4) == 4
+    for path in F.candidates(torch.device("cpu"), compile=True) + [F.FastPath(torch.bfloat16)]:
+        assert parse_mode(path.describe()) == path  # every mode the script can time, by name
+    assert parse_mode("bf16 weights") == F.FastPath(torch.bfloat16, cast=True)
