@@ -5,7 +5,8 @@ the pixels of 96. Each (architecture, size) runs its own measured fast path (`fa
 at that size, as `train --input-size` would) over the same patches, decoded and resized once
 before the clock starts (the backbone pass is what the size changes). All pairs are timed
 interleaved in rotating order and repeated; a row is the median [min, max] img/s, and the
-ratio to 224 px comes from medians. Accuracy at each size is in README (train runs).
+ratio to 224 px comes from medians. Accuracy at each size: README, "Input size for small
+patches" (train runs on ../shared/data/idc_real).
 
     python benchmarks/input_size.py --sizes 64,96,112,224 --images 256 --repeats 5
 """
@@ -45,19 +46,19 @@ def setup(archs, sizes, paths, device, args) -> tuple[dict, dict]:
     fns, info = {}, {}
     images = [load_rgb(p) for p in paths]
     for arch in archs:
-        base = build_backbone(arch, "default" if arch == "efficientnet_lite0" else "none")
         for size in sizes:
+            # a fresh module per size: fastpath memoises its prepared copies per module
+            base = build_backbone(arch, "default" if arch == "efficientnet_lite0" else "none")
             bb = with_input_size(base, size)
             decode = decode_transform(bb.prep)
             x = torch.stack([normalize(decode(im), bb.prep) for im in images]).to(device)
             path = F.choose(bb, device, args.precision, args.cache, batch=x[:8])
             prepared = F.prepare(bb, device, path)
-            fn = (
-                lambda p=prepared, x=x, q=path: [  # noqa: E731
-                    F.run_backbone(p, x[i : i + args.batch], q)
-                    for i in range(0, len(x), args.batch)
-                ]
-            )
+
+            def fn(p=prepared, x=x, q=path):
+                return [F.run_backbone(p, x[i : i + args.batch], q)
+                        for i in range(0, len(x), args.batch)]  # fmt: skip
+
             fn()  # warm-up
             fns[(arch, size)] = fn
             info[(arch, size)] = {"arch": arch, "input_size": size, "mode": path.describe(),

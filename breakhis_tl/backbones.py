@@ -301,6 +301,13 @@ def with_input_size(bb: Backbone, size: int) -> Backbone:
     (a ViT's position embeddings) is refused in one sentence, found by trying one image."""
     if size == bb.prep.input_size:
         return bb
+    from breakhis_tl.foundation import is_foundation
+
+    if bb.name.startswith("timm:") or is_foundation(bb.name):
+        raise UserError(
+            f"{bb.name} is used at its model card's input size ({bb.prep.input_size} px); "
+            "--input-size applies to the CNN backbones of the registry only."
+        )
     if size < MIN_INPUT.get(bb.name, 32):
         raise UserError(
             f"--input-size {size} is too small for {bb.name}; use {MIN_INPUT.get(bb.name, 32)} "

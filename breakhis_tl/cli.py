@@ -228,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="end to end: backbone pass every epoch (slow baseline)",
     )
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image (or, with --stain, the first image that "
+        "cannot be normalised) instead of skipping it (using it unnormalised)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument(
         "--precision",

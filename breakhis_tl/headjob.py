@@ -202,15 +202,19 @@ def result_rows(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
             "select": t.select, "task": ctx.task, "protocol": ctx.protocol,
             "group_by": ctx.group_by, "views": cfg.views, "compute": job_mode(ctx, job).describe(),
             "input_size": job.backbone.prep.input_size, "stain": cfg.stain,
-            "stain_views": cfg.stain_views, "stain_fallbacks": stain_fallbacks(ctx, job),
+            "stain_views": cfg.stain_views, "stain_fallbacks": stain_fallbacks(ctx, job, s),
             "cached": not cfg.no_cache, "interrupted": result.interrupted,
         })  # fmt: skip
     return rows
 
 
-def stain_fallbacks(ctx, job: HeadJob) -> int:
-    """This head's images that went to the backbone unnormalised (normalisation failed)."""
-    return int(job.split["path"].isin(ctx.fallbacks.keys()).sum()) if ctx.fallbacks else 0
+def stain_fallbacks(ctx, job: HeadJob, side: str | None = None) -> int:
+    """Images of this head's split (of one side, if given) that went to the backbone
+    unnormalised because stain normalisation failed for them."""
+    if not ctx.fallbacks:
+        return 0
+    rows = job.split if side is None else job.split[job.split["split"] == side]
+    return int(rows["path"].isin(ctx.fallbacks.keys()).sum())
 
 
 def prediction_frame(ctx, job: HeadJob, evals: dict) -> pd.DataFrame:

@@ -340,7 +340,11 @@ def _wait_for_decision(bb, device, precision: str, folder: Path, timeout: float 
 
 
 def make_stain(cfg: RunConfig) -> StainSetup:
-    """The run's stain setup; a bad method or reference stops here, before any long work."""
+    """The run's stain setup; a bad method or reference stops here, before any long work.
+    A relative reference is made absolute in `cfg`, so the run's config.json still finds it
+    from another folder (the analysis notebook's)."""
+    if cfg.stain_ref is not None:
+        cfg.stain_ref = str(Path(cfg.stain_ref).resolve())
     normaliser = StainNormaliser(cfg.stain, cfg.stain_ref)
     return StainSetup(normaliser, cfg.stain_views, cfg.train.seed)
 

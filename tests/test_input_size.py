@@ -1,5 +1,6 @@
 """--input-size: CNNs take small patches without upscaling to 224; fixed-size models refuse."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -24,6 +25,8 @@ def test_cnns_take_a_smaller_input_and_fixed_size_models_refuse():
     assert small(torch.rand(2, 3, 96, 96)).shape == (2, 1280)
     with pytest.raises(UserError, match="vit_b_16 cannot take 96-px images .*fixed at 224"):
         with_input_size(build_backbone("vit_b_16", "none"), 96)
+    with pytest.raises(UserError, match="uni is used at its model card's input size"):
+        with_input_size(dataclasses.replace(lite0, name="uni"), 96)  # named, not tried
     with pytest.raises(UserError, match="too small for inception_v3; use 75 px"):
         with_input_size(build_backbone("inception_v3", "none"), 64)
 
