@@ -38,6 +38,7 @@ EVA_RUNS = 5
 def apply_recipe(cfg):
     """The run config with its recipe's settings in place (and repeats resolved)."""
     if cfg.recipe == "eva":
+        _warn_overridden(cfg.train)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **EVA_TRAIN))
         log.info(
             "Recipe eva: linear head, plain cross-entropy, AdamW lr 3e-4, batch 256, "
@@ -49,3 +50,18 @@ def apply_recipe(cfg):
     if cfg.repeats is None:
         cfg = dataclasses.replace(cfg, repeats=1)
     return cfg
+
+
+def _warn_overridden(train) -> None:
+    """Head options set away from their defaults are replaced by the recipe: say so, since a
+    silently ignored --lr or --epochs would make the run's record misleading to its author."""
+    from breakhis_tl.training import TrainConfig
+
+    default = TrainConfig()
+    changed = [k for k, v in EVA_TRAIN.items()
+               if getattr(train, k) != getattr(default, k) and getattr(train, k) != v]  # fmt: skip
+    if changed:
+        log.warning(
+            "--recipe eva sets the head options itself; ignoring %s as given.",
+            ", ".join(f"{k}={getattr(train, k)}" for k in changed),
+        )

@@ -383,3 +383,20 @@ def test_eva_protocol_and_recipe_end_to_end_on_real_images(breakhis_real, tmp_pa
     assert meta["train"]["lr"] == 3e-4 and meta["train"]["max_steps"] == 12_500
     assert meta["train"]["class_weighted"] is False and meta["train"]["patience"] == 500
     assert meta["classes"] == ["F", "TA", "DC", "MC"]
+
+
+def test_eva_recipe_says_which_given_head_options_it_ignores(caplog):
+    """--recipe eva replaces the head options; a user's --lr or --epochs is named, not lost
+    in silence, and options left at their defaults raise no warning."""
+    from breakhis_tl.recipes import apply_recipe
+
+    given = RunConfig(archs=["efficientnet_lite0"], recipe="eva",
+                      train=TrainConfig(epochs=3, lr=0.01))  # fmt: skip
+    with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
+        cfg = apply_recipe(given)
+    assert cfg.train.lr == 3e-4 and cfg.train.epochs == 12_500 and cfg.repeats == 5
+    assert "ignoring lr=0.01, epochs=3 as given" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
+        apply_recipe(RunConfig(archs=["efficientnet_lite0"], recipe="eva"))
+    assert "ignoring" not in caplog.text
