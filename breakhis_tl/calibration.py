@@ -19,6 +19,7 @@ from torch import nn
 
 from breakhis_tl.backbones import Backbone
 from breakhis_tl.dataset import ImageDataset, make_loader
+from breakhis_tl.stain import StainSetup
 from breakhis_tl.transforms import eval_preset
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,26 @@ def load_bn_state(bb: Backbone, state: dict[str, torch.Tensor]) -> Backbone:
 
 @torch.no_grad()
 def calibrate(
-    bb: Backbone, paths: list[str], seed: int, batch_size: int = 32, workers: int | None = 0
+    bb: Backbone,
+    paths: list[str],
+    seed: int,
+    batch_size: int = 32,
+    workers: int | None = 0,
+    stain=None,
 ) -> Backbone:
-    """Recompute batch-norm running statistics on a seeded sample of `paths`, then freeze."""
+    """Recompute batch-norm running statistics on a seeded sample of `paths`, then freeze.
+    `stain` (a StainSetup): normalise them as the features' images will be, so the statistics
+    describe the backbone's real inputs."""
     layers = _norm_layers(bb.module)
     if not layers or not paths:
         return bb
     rng = np.random.default_rng(seed)
     take = sorted(rng.choice(len(paths), min(CALIBRATION_IMAGES, len(paths)), replace=False))
     ds = ImageDataset([paths[i] for i in take], eval_preset(bb.prep))
+    if stain is not None and stain.method != "none":
+        from breakhis_tl.dataset import OnlineStain
+
+        ds.transform = OnlineStain(StainSetup(stain.normaliser), ds.transform)  # no jitter
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all calibration batches

@@ -283,7 +283,9 @@ def _check_selection(cfg: RunConfig, plan: Plan) -> None:
         )
 
 
-def build_backbones(cfg: RunConfig, data: Data) -> dict[tuple[str, int | None], Backbone]:
+def build_backbones(
+    cfg: RunConfig, data: Data, stain: StainSetup | None = None
+) -> dict[tuple[str, int | None], Backbone]:
     """(arch, fold) -> frozen backbone. A random init gets its batch-norm statistics from
     each fold's own training images, so a baseline never sees its test images."""
     from breakhis_tl.calibration import calibrate, has_batchnorm
@@ -302,7 +304,8 @@ def build_backbones(cfg: RunConfig, data: Data) -> dict[tuple[str, int | None], 
                 continue
             bb = base if i == 0 else build(arch, weights)
             train = split.loc[split["split"] == "train", "path"].tolist()
-            out[(arch, k)] = calibrate(bb, train, cfg.train.seed, cfg.extract_batch, cfg.workers)
+            out[(arch, k)] = calibrate(bb, train, cfg.train.seed, cfg.extract_batch, cfg.workers,
+                                       stain)  # fmt: skip
     return out
 
 
@@ -404,7 +407,7 @@ def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict
     store = ImageStore(cache_root / "images.sqlite")
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes, selecting=False)
-    backbones = build_backbones(cfg, data)
+    backbones = build_backbones(cfg, data, stain)
     check_pictures(cfg, data, task, store)
     modes = compute_modes(cfg, backbones, device, cache_root, shard)
     cache = FeatureCache(cache_root / "features")
@@ -512,7 +515,7 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     store = ImageStore(cache_root / "images.sqlite")
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes)
-    backbones = build_backbones(cfg, data)  # a missing weights file stops the run here
+    backbones = build_backbones(cfg, data, stain)  # a missing weights file stops the run here
     check_pictures(cfg, data, task, store)
     modes = compute_modes(cfg, backbones, device, cache_root)
     feats, view_pos, report = {}, {}, None

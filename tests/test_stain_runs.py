@@ -118,8 +118,8 @@ def test_no_cache_path_normalises_like_the_cache(paths, lite0):
     assert cos.min() > 0.999  # the cache holds fp16: equal up to that rounding
 
 
-def _train(tree, out, run, **kw):
-    cfg = RunConfig(data=str(tree), archs=["efficientnet_lite0"], out=str(out), workers=0,
+def _train(tree, out, run, archs=("efficientnet_lite0",), **kw):
+    cfg = RunConfig(data=str(tree), archs=list(archs), out=str(out), workers=0,
                     progress=False, run=run, precision="fp32",
                     train=TrainConfig(epochs=3, select="last"), **kw)  # fmt: skip
     return run_training(cfg)
@@ -184,3 +184,17 @@ def test_command_line_stain_errors_are_one_sentence(tree, tmp_path):
     bad = run("--stain", "vahadane")
     assert bad.returncode == 2 and "Unknown stain method 'vahadane'" in bad.stderr
     assert not (tmp_path / "trained_models").exists()  # nothing started
+
+
+def test_random_init_calibrates_on_normalised_images_and_predict_agrees(tree, paths, tmp_path):
+    """A random-init backbone's batch-norm statistics come from the images it will see:
+    normalised ones under --stain, so its identity differs from the plain run's."""
+    kw = dict(archs=["mobilenet_v2"], weights="none")
+    plain = _train(tree, tmp_path, "rn", **kw)
+    normed = _train(tree, tmp_path, "rm", stain="macenko", **kw)
+    assert set(plain.results["weights"]) != set(normed.results["weights"])
+    clf = Classifier.from_head(next(iter(normed.heads.values())), device="cpu")
+    run_preds = normed.predictions.drop_duplicates("path").set_index("path")
+    cols = [c for c in run_preds if c.startswith("prob_")]
+    mine = clf.predict(list(run_preds.index), progress=False).set_index("path")[cols]
+    assert np.allclose(mine.to_numpy(), run_preds[cols].to_numpy(), atol=2e-3)
