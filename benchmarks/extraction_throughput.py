@@ -67,6 +67,7 @@ from breakhis_tl.backbones import build_backbone, check_arch
 from breakhis_tl.errors import UserError
 from breakhis_tl.features import pick_device
 from breakhis_tl.images import load_rgb
+from breakhis_tl.runner import weights_for as run_weights_for
 from breakhis_tl.transforms import decode_transform, normalize
 
 DEFAULT_ARCHS = "resnet50,densenet121,mobilenet_v2,efficientnet_lite0"
@@ -82,16 +83,7 @@ def default_weights(arch: str) -> str:
 
 def weights_for(spec: str | None, arch: str) -> str:
     """`--weights` for one architecture: none, default or a file, `arch=value` overriding."""
-    if spec is None:
-        return default_weights(arch)
-    chosen = "default"
-    for part in spec.split(","):
-        name, sep, value = part.strip().partition("=")
-        if not sep:
-            chosen = name
-        elif name == arch:
-            return value
-    return chosen
+    return default_weights(arch) if spec is None else run_weights_for(spec, arch)
 
 
 def check_weights(value: str) -> None:

@@ -321,6 +321,9 @@ def stain_figure(paths, ref=None, seed: int = 0, size: int = 224):
     and Reinhard fitted on the first image)."""
     from breakhis_tl.images import load_rgb
     from breakhis_tl.stain import StainNormaliser, stain_view
+    from breakhis_tl.transforms import Preprocessing, decode_transform
+
+    decode = decode_transform(Preprocessing(input_size=size, resize_size=size))
 
     methods = {"as scanned": None, "Macenko": StainNormaliser("macenko", ref),
                "Reinhard": StainNormaliser("reinhard", ref or paths[0])}  # fmt: skip
@@ -335,7 +338,7 @@ def stain_figure(paths, ref=None, seed: int = 0, size: int = 224):
             shown.append((out, f"{name}\n(failed: unchanged)" if note else name))
         shown += [(stain_view(image, seed, str(path), v), titles[2 + v]) for v in (1, 2)]
         for ax, (im, title) in zip(row, shown, strict=True):
-            ax.imshow(_centre(im, size))
+            ax.imshow(decode(im).permute(1, 2, 0).numpy())
             ax.set_title(title, fontsize=8)
             ax.axis("off")
         row[0].text(-0.04, 0.5, Path(path).stem, transform=row[0].transAxes, rotation=90,
@@ -344,13 +347,3 @@ def stain_figure(paths, ref=None, seed: int = 0, size: int = 224):
     fig.suptitle(f"Stain normalisation and HED-light jitter; reference: {target}", fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def _centre(image, size: int):
-    """What the backbone sees: shorter side resized to `size`, then the centre square."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))))
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))

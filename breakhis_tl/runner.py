@@ -181,8 +181,6 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    if cfg.stain_views < 0:
-        raise UserError(f"--stain-views must be 0 or more, not {cfg.stain_views}.")
     if cfg.views > 1 and cfg.no_cache:
         raise UserError("--views caches views; with --no-cache, augmentation is online already.")
     for part in cfg.weights.split(","):
