@@ -1,12 +1,12 @@
 """How a batch goes through a frozen backbone, chosen by measurement and cached per machine.
 
-A frozen backbone never changes, so what only serves training is folded away once: batch
-norm into the preceding convolution, efficientnet_lite0's static "same" padding into the
-convolution's own padding. Which compute mode is fastest (fp32 or bf16, NCHW or
-channels_last, eager or a frozen TorchScript graph) depends on the CPU or GPU, the torch
-version and the backbone; guessing was wrong before (bf16 is 5x slower on an AVX2-only
-EPYC and 2-4x faster where AVX512-BF16 exists), so `choose` times the candidates on one
-warm batch, interleaved and repeated, checks each against fp32, and caches the decision.
+A frozen backbone never changes, so what only serves training is folded away once
+(folding.py: batch norm, "same" padding and ReLU-type activations into the convolutions).
+Which compute mode is fastest (fp32 or bf16, NCHW or channels_last, eager or a frozen
+TorchScript graph) depends on the CPU or GPU, the torch version and the backbone; guessing
+was wrong before (bf16 is 5x slower on an AVX2-only EPYC and 2-4x faster where AVX512-BF16
+exists), so `choose` times the candidates on one warm batch, interleaved and repeated,
+checks each against fp32, and caches the decision.
 
 The folded module is a copy: `Backbone.module` stays as built, for Grad-CAM (cam.py) and
 for anything that changes batch-norm statistics (calibration) before extraction.
@@ -34,11 +34,13 @@ import torch
 from torch import nn
 
 from breakhis_tl.backbones import Backbone, freeze
+from breakhis_tl.folding import fold_frozen
 
 log = logging.getLogger(__name__)
 
 DISPATCH_FILE = "dispatch.json"  # under the cache folder the caller passes (data/cache)
 MIN_COSINE = 0.995  # a candidate's features against fp32 NCHW on the same batch, per image
+CLOSE = 0.15  # modes this much slower than the fastest are timed again before picking
 REALISTIC_IMAGES = 8000  # BreakHis has 7,909: a setup cost is spread over this many images
 _DTYPES = {"fp32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,55 +156,6 @@ def candidates(device: torch.device, compile: bool = False) -> list[FastPath]:
         fp32.append(FastPath(None, True, folded=True, compiled=True))
         lows += [FastPath(low, True, folded=True, cast=True, compiled=True)] if low else []
     return fp32 + lows
-
-
-# ---------------------------------------------------------------- folding
-
-
-def fold_frozen(module: nn.Module) -> nn.Module:
-    """A frozen copy with every batch norm that follows a convolution folded into it
-    (exact in eval mode) and static "same" padding folded into the convolution; the
-    original is not touched. A module torch.fx cannot trace is returned unfolded (copied)."""
-    from torch.fx.experimental.optimization import fuse
-
-    work = _unpad_same(copy.deepcopy(module))
-    work.__dict__.pop("train", None)  # freeze()'s lambda would return the original module
-    nn.Module.train(work, False)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            folded = fuse(work, inplace=True)
-    except Exception as exc:  # noqa: BLE001 - torch.fx raises many types; unfolded still works
-        log.info("Not folded (torch.fx cannot trace %s: %s).", type(module).__name__, exc)
-        folded = work
-    return freeze(folded)
-
-
-def _unpad_same(module: nn.Module) -> nn.Module:
-    """Replace efficientnet_lite_pytorch's Conv2dStaticSamePadding (a ZeroPad2d before
-    every conv) by a plain Conv2d whose own padding takes the symmetric part; only the
-    asymmetric remainder of stride-2 convs keeps a (smaller) ZeroPad2d."""
-    try:
-        from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
-    except ImportError:
-        return module
-    for name, child in list(module.named_children()):
-        if isinstance(child, Conv2dStaticSamePadding):
-            setattr(module, name, _plain_conv(child))
-        else:
-            _unpad_same(child)
-    return module
-
-
-def _plain_conv(c: nn.Conv2d) -> nn.Module:
-    left, right, top, bottom = getattr(c.static_padding, "padding", (0, 0, 0, 0))
-    ph, pw = min(top, bottom), min(left, right)
-    conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, (ph, pw),
-                     c.dilation, c.groups, c.bias is not None)  # fmt: skip
-    conv.load_state_dict(c.state_dict())
-    conv.to(c.weight.device, c.weight.dtype).eval()
-    rest = (left - pw, right - pw, top - ph, bottom - ph)
-    return conv if not any(rest) else nn.Sequential(nn.ZeroPad2d(rest), conv).eval()
 
 
 # ---------------------------------------------------------------- running
@@ -342,7 +295,9 @@ def time_interleaved(fns: dict, rounds: int = 5, sync=None) -> dict[str, list[fl
 
 def measure(bb: Backbone, device: torch.device, paths: list[FastPath], x: torch.Tensor,
             rounds: int = 5) -> list[Trial]:  # fmt: skip
-    """Time every path on the warm batch `x`, interleaved; check each against fp32 NCHW."""
+    """Time every path on the warm batch `x`, interleaved; check each against fp32 NCHW.
+    The close contenders (within CLOSE of the fastest that matches fp32) are timed for
+    `rounds` more: near-ties are where a shared machine's noise picks the wrong mode."""
     device = torch.device(device)
     x = x.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -359,11 +314,21 @@ def measure(bb: Backbone, device: torch.device, paths: list[FastPath], x: torch.
         cosine[p] = float(nn.functional.cosine_similarity(ref, out.to(ref), dim=1).min())
         fns[p] = lambda prepared=prepared, p=p: run_backbone(prepared, x, p)
     times = time_interleaved(fns, rounds, sync)
+    close = _contenders(times, cosine)
+    if len(close) > 1:
+        for p, more in time_interleaved({p: fns[p] for p in close}, rounds, sync).items():
+            times[p] += more
     trials = []
     for p in paths:
         steady = 2 * statistics.median(times[p])  # the two warm-up calls, had they been warm
         trials.append(Trial(p, times[p], max(setup[p] - steady, 0.0), cosine[p], len(x)))
     return trials
+
+
+def _contenders(times: dict, cosine: dict) -> list:
+    good = {p: statistics.median(t) for p, t in times.items() if cosine[p] >= MIN_COSINE}
+    best = min(good.values(), default=0.0)
+    return [p for p, t in good.items() if t <= best * (1 + CLOSE)]
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -5,6 +5,7 @@ bf16 mode against fp32 only to the tolerance bf16 allows, so the suite passes on
 and without bf16 kernels.
 """
 
+import copy
 import json
 
 import pytest
@@ -12,8 +13,10 @@ import torch
 from torch import fx, nn
 
 from breakhis_tl import fastpath as F
+from breakhis_tl import folding
 from breakhis_tl.backbones import build_backbone
 from breakhis_tl.fastpath import PLAIN, FastPath
+from breakhis_tl.folding import ConvAct
 from breakhis_tl.images import load_rgb
 from breakhis_tl.transforms import decode_transform, normalize
 
@@ -47,9 +50,14 @@ def with_running_stats(bb, seed=0):
     return bb
 
 
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m, name):
+        return isinstance(m, ConvAct) or super().is_leaf_module(m, name)
+
+
 def bn_after_conv(module):
     """Batch norms whose input is a convolution's output: what folding must remove."""
-    gm = fx.symbolic_trace(module)
+    gm = fx.GraphModule(module, _Tracer().trace(module))
     mods = dict(gm.named_modules())
     hits = []
     for node in gm.graph.nodes:
@@ -105,18 +113,59 @@ def test_lite0_static_same_padding_is_folded_into_the_convolution(breakhis_sampl
 
     bb = build_backbone("efficientnet_lite0", "default")
     folded = F.fold_frozen(bb.module)
-    assert not any(isinstance(m, Conv2dStaticSamePadding) for m in folded.modules())
-    pads = [m for m in folded.modules() if isinstance(m, nn.ZeroPad2d)]
-    stride2 = [m for m in bb.module.modules()
-               if isinstance(m, Conv2dStaticSamePadding) and max(m.stride) == 2]  # fmt: skip
-    assert 0 < len(pads) <= len(stride2)  # only the asymmetric stride-2 remainders
-    # one column on the right and one row at the bottom, not the full pad
-    assert all(tuple(p.padding) == (0, 1, 0, 1) for p in pads)
+    assert not any(isinstance(m, (Conv2dStaticSamePadding, nn.ZeroPad2d))
+                   for m in folded.modules())  # fmt: skip
+    # the asymmetric stride-2 pads (one more on the right and bottom) became one zero tap
+    # at the start of a one-wider kernel, with symmetric padding; the rest kept their shape
+    same = [m for m in bb.module.modules() if isinstance(m, Conv2dStaticSamePadding)]
+    plain = [m for m in folding._unpad_same(copy.deepcopy(bb.module)).modules()
+             if type(m) is nn.Conv2d]  # fmt: skip
+    assert len(plain) == len(same)
+    widened = 0
+    for old, new in zip(same, plain, strict=True):
+        left, right, top, bottom = getattr(old.static_padding, "padding", (0, 0, 0, 0))
+        if (left, top) == (right, bottom):
+            assert new.kernel_size == old.kernel_size and torch.equal(new.weight, old.weight)
+            assert new.padding == (top, left)
+            continue
+        widened += 1
+        assert max(old.stride) == 2 and (right - left, bottom - top) == (1, 1)
+        assert new.padding == (bottom, right)
+        assert new.weight[:, :, 0].abs().sum() == 0 and new.weight[:, :, :, 0].abs().sum() == 0
+        assert torch.equal(new.weight[:, :, 1:, 1:], old.weight)
+    assert widened >= 4
     x = real_batch(bb, breakhis_sample, 4)
     with torch.inference_mode():
         ref, out = bb.module(x), folded(x)
     assert cosine_min(ref, out) >= 0.9999
     assert (ref - out).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2", "resnet50"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_folded_cnn_runs_no_batch_norm_padding_or_activation_pass(name, dtype):
+    """What the profile of one folded batch may no longer hold: the three memory passes
+    folding removes (batch norm, a padded copy, a separate ReLU/ReLU6)."""
+    from torch.profiler import profile
+
+    bb = build_backbone(name, "none", 0)
+    folded = F.fold_frozen(bb.module).to(dtype).to(memory_format=torch.channels_last)
+    acts = [m for m in folded.modules() if isinstance(m, ConvAct)]
+    assert len(acts) >= {"efficientnet_lite0": 33, "mobilenet_v2": 35, "resnet50": 33}[name]
+    x = torch.randn(2, 3, 96, 96).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = bb.module.to(dtype)(x).float()
+        with profile() as prof:
+            out = folded(x).float()
+    bb.module.float()
+    ops = {e.key: e.count for e in prof.key_averages()}
+    banned = {"aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training",
+              "aten::batch_norm", "aten::constant_pad_nd", "aten::clamp", "aten::hardtanh"}  # fmt: skip
+    assert not banned & set(ops), ops
+    relus = ops.get("aten::relu", 0) + ops.get("aten::relu_", 0)
+    # only resnet50's ReLUs after its 16 residual sums stay (they follow an add, not a conv)
+    assert relus == (16 if name == "resnet50" else 0), ops
+    assert cosine_min(ref, out) >= (0.9999 if dtype == torch.float32 else 0.99)
 
 
 def test_every_candidate_matches_fp32_within_its_dtype(breakhis_sample):
@@ -161,6 +210,14 @@ def test_timing_is_interleaved_in_rotating_order():
     calls = []
     F.time_interleaved({k: (lambda k=k: calls.append(k)) for k in "abc"}, rounds=3)
     assert calls == list("abcbcacab")
+
+
+def test_near_ties_that_match_fp32_are_timed_again():
+    times = {"fp32": [1.0, 1.1, 0.9], "a": [0.50, 0.52, 0.48], "b": [0.55, 0.9, 0.56],
+             "c": [0.7, 0.7, 0.7], "bad": [0.1, 0.1, 0.1]}  # fmt: skip
+    cosine = {"fp32": 1.0, "a": 1.0, "b": 0.999, "c": 1.0, "bad": 0.9}
+    assert F._contenders(times, cosine) == ["a", "b"]  # c is 40% slower; bad is not exact
+    assert F._contenders({"a": [0.5]}, {"a": 0.5}) == []
 
 
 @pytest.fixture
