@@ -160,7 +160,8 @@ def test_a_folded_cnn_runs_no_batch_norm_padding_or_activation_pass(name, dtype)
     bb.module.float()
     ops = {e.key: e.count for e in prof.key_averages()}
     banned = {"aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training",
-              "aten::batch_norm", "aten::constant_pad_nd", "aten::clamp", "aten::hardtanh"}  # fmt: skip
+              "aten::batch_norm", "aten::constant_pad_nd", "aten::clamp",
+              "aten::hardtanh"}  # fmt: skip
     assert not banned & set(ops), ops
     relus = ops.get("aten::relu", 0) + ops.get("aten::relu_", 0)
     # only resnet50's ReLUs after its 16 residual sums stay (they follow an add, not a conv)
