@@ -6,8 +6,8 @@ The compute-mode decision (`fastpath.choose`, which times every candidate mode o
 when the dispatch cache has none for this machine and backbone) is made before either run is
 timed, into BREAKHIS_TL_DISPATCH_DIR (set to <workdir>/dispatch when unset, so `train` reads
 the same file), and reported apart as `choose_seconds` (`choose_cached`: whether it was only
-read). `cached_compute`/`end_to_end_compute` are the modes each run used: with --no-cache and
-precision auto, `train` takes the unmeasured default (fastpath.fast_path) instead.
+read). `cached_compute`/`end_to_end_compute` are the modes each run used (the same one:
+--no-cache reads the same decision).
 
     python benchmarks/cached_vs_end_to_end.py --arch efficientnet_lite0 --images 96 --epochs 10
 """

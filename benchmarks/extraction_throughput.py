@@ -192,12 +192,11 @@ def setup(archs, paths, device, args, peaks: Peaks) -> tuple[dict, dict]:
             feats = torch.cat(fn())  # warm-up: first-call optimisation belongs to setup
             warmup_s = time.perf_counter() - t0
             ref = feats if ref is None else ref
-            cos = torch.nn.functional.cosine_similarity(ref, feats.to(ref), dim=1)
             fns[(arch, name)] = peaks.wrap((arch, name), fn)
             info[(arch, name)] = {
                 "arch": arch, "mode": name, "weights": weights, "weights_id": bb.weights_id,
                 "input_size": bb.prep.input_size, "batch": batch,
-                "warmup_s": round(warmup_s, 3), "cosine_min": float(cos.min()),
+                "warmup_s": round(warmup_s, 3), "cosine_min": F.cosine_min(ref, feats),
                 "fast_path": fast is not None and path == fast,
                 "unfolded_fast_path": unfolded is not None and path == unfolded,
                 "choose_s": None if choose_s is None else round(choose_s, 2),

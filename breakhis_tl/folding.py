@@ -6,10 +6,12 @@ Three rewrites, each exact in eval mode (features equal to fp32 rounding):
   becomes the conv's own padding, and an asymmetric stride-2 remainder becomes zero taps at
   the start of a one-wider kernel, so no padded copy of the input is ever written (a
   separate pad cost 14% of a lite0 batch and made its next conv 5x slower here);
-- a ReLU/ReLU6 after a convolution runs inside it: on the CPU, oneDNN applies it as the
-  convolution writes its output (`mkldnn._convolution_pointwise`, the kernel torch's own
-  inductor emits for this pattern), instead of a second pass over memory (26% of a lite0
-  batch). Elsewhere, or under autocast, the two run in turn, as before.
+- a ReLU, ReLU6, SiLU or Hardswish (module or function) after a convolution runs inside
+  it: on the CPU, oneDNN applies it as the convolution writes its output
+  (`mkldnn._convolution_pointwise`, the kernel torch's own inductor emits for this pattern)
+  instead of a second pass over memory (26% of a lite0 batch). In bf16 the activation is applied before rounding, so it can
+  differ from the unfused op by one bf16 step. Elsewhere, or under autocast, the two run in
+  turn, as before.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def fold_frozen(module: nn.Module) -> nn.Module:
-    """A frozen copy with batch norms, "same" padding and ReLU-type activations folded into
-    the convolutions; the original is not touched. A module torch.fx cannot trace keeps its
+    """A frozen copy with batch norms, "same" padding and activations folded into the
+    convolutions; the original is not touched. A module torch.fx cannot trace keeps its
     batch norms and activations (the padding is still folded)."""
     from torch.fx.experimental.optimization import fuse
 
@@ -87,16 +89,23 @@ def _plain_conv(c: nn.Conv2d) -> nn.Conv2d:
 # ---------------------------------------------------------------- activations
 
 
+# activation module -> oneDNN post-op name (ReLU6 is a Hardtanh(0, 6))
+_POST_OPS = {nn.ReLU: "relu", nn.Hardtanh: "hardtanh", nn.ReLU6: "hardtanh", nn.SiLU: "swish",
+             nn.Hardswish: "hardswish"}  # fmt: skip
+# the same activations called as functions (inception_v3's BasicConv2d calls F.relu)
+_FUNCTIONS = {nn.functional.relu: nn.ReLU, torch.relu: nn.ReLU, nn.functional.relu6: nn.ReLU6,
+              nn.functional.silu: nn.SiLU, nn.functional.hardswish: nn.Hardswish}  # fmt: skip
+
+
 class ConvAct(nn.Module):
-    """A convolution and the ReLU/ReLU6 after it, as one oneDNN kernel on the CPU."""
+    """A convolution and the activation after it, as one oneDNN kernel on the CPU."""
 
     def __init__(self, conv: nn.Conv2d, act: nn.Module):
         super().__init__()
         self.conv, self.act = conv, act
-        if isinstance(act, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
-            self.attr, self.scalars = "hardtanh", [float(act.min_val), float(act.max_val)]
-        else:
-            self.attr, self.scalars = "relu", []
+        self.attr, self.scalars = _POST_OPS[type(act)], []
+        if isinstance(act, nn.Hardtanh):
+            self.scalars = [float(act.min_val), float(act.max_val)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
@@ -137,7 +146,7 @@ def _fusable(x: torch.Tensor, c: nn.Conv2d) -> bool:
 
 
 def _fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
-    """Every Conv2d called once whose only user is a ReLU or Hardtanh module becomes a
+    """Every Conv2d called once whose only user is an activation oneDNN can apply becomes a
     ConvAct; the activation's node is removed from the graph."""
     mods = dict(gm.named_modules())
     calls: dict[str, int] = {}
@@ -145,17 +154,26 @@ def _fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(mods[node.target], (nn.ReLU, nn.Hardtanh)):
-            continue
-        src = node.args[0]
+        act = _activation(node, mods)
+        src = node.args[0] if act is not None and node.args else None
         if not (isinstance(src, fx.Node) and src.op == "call_module"
                 and type(mods[src.target]) is nn.Conv2d and len(src.users) == 1
                 and calls[src.target] == 1):  # fmt: skip
             continue
         parent, _, name = src.target.rpartition(".")
-        setattr(gm.get_submodule(parent), name, ConvAct(mods[src.target], mods[node.target]))
+        setattr(gm.get_submodule(parent), name, ConvAct(mods[src.target], act))
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _activation(node: fx.Node, mods: dict) -> nn.Module | None:
+    """The activation `node` applies, as a module, if oneDNN can fuse it; else None."""
+    if node.op == "call_module" and type(mods[node.target]) in _POST_OPS:
+        return mods[node.target]
+    if node.op == "call_function" and node.target in _FUNCTIONS and len(node.args) == 1:
+        if set(node.kwargs) <= {"inplace"}:  # in place or not, the values are the same
+            return _FUNCTIONS[node.target]()
+    return None

@@ -309,14 +309,13 @@ def build_backbones(
 
 def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=None) -> dict:
     """(arch, weights id) -> the compute mode measured fastest here whose features match
-    fp32 (`fastpath.choose`), remembered per machine in dispatch.json. Sharded extraction
+    fp32 (`fastpath.choose`), remembered per machine in dispatch.json; --no-cache runs
+    the same kernels, so its comparison with the cache is of caching alone. Sharded extraction
     must agree on it (features differ by mode): shard 0 measures, the others wait for its
     decision in the shared folder."""
     import os
 
     folder = Path(os.environ.get("BREAKHIS_TL_DISPATCH_DIR") or cache_root)
-    if cfg.no_cache and cfg.precision == "auto":
-        return {}
     modes = {}
     for bb in {id(b): b for b in backbones.values()}.values():
         if shard is not None and shard[0] != 0:

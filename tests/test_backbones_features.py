@@ -237,6 +237,7 @@ def test_fast_path_choice():
     cpu = fast_path(torch.device("cpu"))
     assert cpu.channels_last
     assert cpu.autocast == (torch.bfloat16 if cpu_supports_bf16() else None)
+    assert cpu.cast == cpu_supports_bf16() and cpu.folded
     assert fast_path(torch.device("cpu"), optimised=False) == type(cpu)(None, False)
 
 
