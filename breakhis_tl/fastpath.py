@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 DISPATCH_FILE = "dispatch.json"  # under the cache folder the caller passes (data/cache)
 MIN_COSINE = 0.995  # a candidate's features against fp32 NCHW on the same batch, per image
-CLOSE = 0.15  # modes this much slower than the fastest are timed again before picking
+RETIME_WITHIN = 0.15  # modes this much slower than the fastest are timed again before picking
+DISPATCH_VERSION = 2  # in every dispatch key: bump when folding or the candidate list changes
 REALISTIC_IMAGES = 8000  # BreakHis has 7,909: a setup cost is spread over this many images
 _DTYPES = {"fp32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,8 +64,7 @@ class FastPath:
     def describe(self) -> str:
         """Stable text for the feature-cache key and head metadata (features differ by
         mode); the two fields of the old FastPath keep their old text."""
-        dtype = str(self.autocast).replace("torch.", "") if self.autocast else "fp32"
-        parts = [dtype + (" weights" if self.cast and self.autocast else "")]
+        parts = [self.dtype + (" weights" if self.cast and self.autocast else "")]
         parts += [n for n, on in [("channels_last", self.channels_last),
                                   ("folded", self.folded), ("jit", self.jit),
                                   ("compiled", self.compiled)] if on]  # fmt: skip
@@ -85,13 +85,19 @@ class FastPath:
 PLAIN = FastPath()  # fp32 NCHW, unfolded: the reference every candidate is checked against
 
 
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "avx_ne_convert", "bf16"}  # x86 and Arm names
+
+
 def cpu_supports_bf16() -> bool:
-    """oneDNN's own test for bf16 kernels (AVX512-BF16 or AMX); without them bf16 autocast
-    is emulated and several times slower than fp32."""
+    """Native bf16 arithmetic (AVX512-BF16, AMX, AVX-NE-CONVERT, Arm BF16) that oneDNN can
+    use. oneDNN's own test also says yes on AVX512 CPUs without bf16 instructions, where it
+    emulates bf16 and runs it about 2x slower than fp32 (measured under
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE); on AVX2 alone it is 4-6x slower."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    return onednn and bool(BF16_FLAGS & set(cpu_info()[1]))
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -298,7 +304,7 @@ def time_interleaved(fns: dict, rounds: int = 5, sync=None) -> dict[str, list[fl
 def measure(bb: Backbone, device: torch.device, paths: list[FastPath], x: torch.Tensor,
             rounds: int = 5) -> list[Trial]:  # fmt: skip
     """Time every path on the warm batch `x`, interleaved; check each against fp32 NCHW.
-    The close contenders (within CLOSE of the fastest that matches fp32) are timed for
+    The close contenders (within RETIME_WITHIN of the fastest that matches fp32) are timed for
     `rounds` more: near-ties are where a shared machine's noise picks the wrong mode."""
     device = torch.device(device)
     x = x.to(device)
@@ -331,15 +337,17 @@ def cosine_min(ref: torch.Tensor, out: torch.Tensor) -> float:
     """The worst per-image cosine, scale-free: a random-init efficientnet_b0's features are
     ~1e-13, below the norm floor of torch's cosine_similarity (which would say 0 for every
     mode alike). A zero or non-finite feature vector scores 0."""
-    ref, out = ref.double(), out.to(ref.device).double()
+    ref, out = (v.detach().cpu().double().flatten(1) for v in (ref, out))  # no fp64 on MPS
     unit = [v / v.norm(dim=1, keepdim=True) for v in (ref, out)]
-    return float(torch.nan_to_num((unit[0] * unit[1]).sum(dim=1), nan=0.0).min())
+    cos = torch.nan_to_num((unit[0] * unit[1]).sum(dim=1), nan=0.0)
+    both_zero = (ref.abs().amax(dim=1) == 0) & (out.abs().amax(dim=1) == 0)
+    return float(torch.where(both_zero, 1.0, cos).min())
 
 
 def _contenders(times: dict, cosine: dict) -> list:
     good = {p: statistics.median(t) for p, t in times.items() if cosine[p] >= MIN_COSINE}
     best = min(good.values(), default=0.0)
-    return [p for p, t in good.items() if t <= best * (1 + CLOSE)]
+    return [p for p, t in good.items() if t <= best * (1 + RETIME_WITHIN)]
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -416,12 +424,32 @@ def _forget(bb: Backbone, device: torch.device, keep: set[FastPath]) -> None:
 
 
 def dispatch_key(bb: Backbone, device: torch.device, precision: str) -> str:
-    """Machine (CPU + flags hash, torch, GPU), backbone + weights, input size, precision.
-    Random inits count as one weights kind: speed does not depend on the seed or on the
-    batch-norm statistics of a fold (each fold of a random-init run would measure again)."""
+    """Machine (CPU + flags hash, torch, GPU), torch threads, backbone + weights, input size,
+    precision, and this module's candidate set (DISPATCH_VERSION). Random inits count as
+    one weights kind: speed does not depend on the seed or on the batch-norm statistics of
+    a fold (each fold of a random-init run would measure again)."""
+    threads = f" | {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return f"{machine_id(device)}{threads} | {_model_key(bb, precision)} | v{DISPATCH_VERSION}"
+
+
+def _model_key(bb: Backbone, precision: str) -> str:
     weights = "none" if bb.weights_id.startswith("none-") else bb.weights_id
-    return (f"{machine_id(device)} | {bb.name} | {weights} | "
-            f"{bb.prep.input_size}px | {precision}")  # fmt: skip
+    return f"{bb.name} | {weights} | {bb.prep.input_size}px | {precision}"
+
+
+def share_decision(cache_dir: str | Path, bb: Backbone, precision: str, path: FastPath) -> None:
+    """Shard 0's mode, under a key without the machine, for shards on other machines: the
+    whole cache must hold one feature space."""
+    _update_cache(cache_dir, _shared_key(bb, precision), {"path": path.to_dict()})
+
+
+def shared_decision(cache_dir: str | Path, bb: Backbone, precision: str) -> FastPath | None:
+    entry = _read_cache(cache_dir).get(_shared_key(bb, precision))
+    return FastPath.from_dict(entry["path"]) if entry else None
+
+
+def _shared_key(bb: Backbone, precision: str) -> str:
+    return f"shard 0 of the last sharded run | {_model_key(bb, precision)}"
 
 
 def _read_cache(cache_dir: str | Path | None) -> dict:
@@ -434,15 +462,18 @@ def _read_cache(cache_dir: str | Path | None) -> dict:
 
 
 def _write_cache(cache_dir, key: str, best: Trial, trials: list[Trial]) -> None:
-    """Read-modify-replace, so a concurrent reader never sees half a file."""
     if cache_dir is None:
         return
+    _update_cache(cache_dir, key, {"path": best.path.to_dict(), "mode": best.path.describe(),
+                                   "measured": [t.to_dict() for t in trials]})  # fmt: skip
+
+
+def _update_cache(cache_dir: str | Path, key: str, entry: dict) -> None:
+    """Read-modify-replace, so a concurrent reader never sees half a file."""
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     data = _read_cache(folder)
-    data[key] = {"path": best.path.to_dict(), "mode": best.path.describe(),
-                 "measured": [t.to_dict() for t in trials],
-                 "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    data[key] = {**entry, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     tmp = folder / f".{DISPATCH_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, folder / DISPATCH_FILE)

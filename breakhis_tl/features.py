@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("data") / "cache"  # features/, images.sqlite
 # Bump when a backbone's forward, pooling or folding changes: cached features then differ.
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 
 __all__ = ["FeatureCache"]
 

@@ -1,17 +1,19 @@
 """Folding away what a frozen backbone never changes, on a copy.
 
-Three rewrites, each exact in eval mode (features equal to fp32 rounding):
+Three rewrites, exact in eval mode up to fp32 rounding (SiLU/Hardswish in bf16: one step):
 - batch norm after a convolution goes into the convolution's weights (torch.fx `fuse`);
 - efficientnet_lite0's static "same" padding goes into the convolution: the symmetric part
   becomes the conv's own padding, and an asymmetric stride-2 remainder becomes zero taps at
-  the start of a one-wider kernel, so no padded copy of the input is ever written (a
-  separate pad cost 14% of a lite0 batch and made its next conv 5x slower here);
+  the start of a one-wider kernel (dilation 1 only), so no padded copy of the input is
+  ever written (a separate pad cost 14-18% of a lite0 batch and made its next conv 5x slower);
 - a ReLU, ReLU6, SiLU or Hardswish (module or function) after a convolution runs inside
   it: on the CPU, oneDNN applies it as the convolution writes its output
   (`mkldnn._convolution_pointwise`, the kernel torch's own inductor emits for this pattern)
-  instead of a second pass over memory (26% of a lite0 batch). In bf16 the activation is applied before rounding, so it can
-  differ from the unfused op by one bf16 step. Elsewhere, or under autocast, the two run in
-  turn, as before.
+  instead of a second pass over memory (26% of a lite0 batch). In bf16 the activation is
+  applied before rounding, so it can differ from the unfused op by one bf16 step. Elsewhere,
+  under autocast, or in bf16 on a CPU oneDNN has no bf16 convolution for, the two run in turn.
+
+Bump features.FEATURES_VERSION when a rewrite here changes any feature value.
 """
 
 from __future__ import annotations
@@ -40,11 +42,27 @@ def fold_frozen(module: nn.Module) -> nn.Module:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            folded = _fuse_activations(fuse(work, inplace=True))
+            traced = fx.symbolic_trace(work)
+            if shared := _shared_layers(traced):  # fuse() would fold one call's norm into all
+                raise ValueError(f"layers called more than once: {', '.join(shared)}")
+            folded = _fuse_activations(fuse(traced, inplace=True, no_trace=True))
     except Exception as exc:  # noqa: BLE001 - torch.fx raises many types; unfolded still works
-        log.info("Not folded (torch.fx cannot trace %s: %s).", type(module).__name__, exc)
+        log.info("Not folded (%s: %s).", type(module).__name__, exc)
         folded = work
     return freeze(folded)
+
+
+def _calls(gm: fx.GraphModule) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def _shared_layers(gm: fx.GraphModule) -> list[str]:
+    mods, kinds = dict(gm.named_modules()), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return [t for t, n in _calls(gm).items() if n > 1 and isinstance(mods[t], kinds)]
 
 
 # ---------------------------------------------------------------- "same" padding
@@ -58,11 +76,17 @@ def _unpad_same(module: nn.Module) -> nn.Module:
     except ImportError:
         return module
     for name, child in list(module.named_children()):
-        if isinstance(child, Conv2dStaticSamePadding):
+        if isinstance(child, Conv2dStaticSamePadding) and _widenable(child):
             setattr(module, name, _plain_conv(child))
         else:
             _unpad_same(child)
     return module
+
+
+def _widenable(c: nn.Conv2d) -> bool:
+    """A zero tap shifts the input by the dilation, so only dilation 1 maps exactly; and the
+    conv must not pad for itself as well (lite0's never do)."""
+    return tuple(c.dilation) == (1, 1) and not any(c.padding) and c.padding_mode == "zeros"
 
 
 def _plain_conv(c: nn.Conv2d) -> nn.Conv2d:
@@ -126,7 +150,16 @@ def _has_fused_kernel() -> bool:
         return False
 
 
+def _has_bf16_kernel() -> bool:
+    """oneDNN's bf16 convolution needs avx512bw/vl/dq or avx_ne_convert (not plain AVX2)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _FUSED_KERNEL = _has_fused_kernel()
+_BF16_KERNEL = _FUSED_KERNEL and _has_bf16_kernel()
 
 
 def _fusable(x: torch.Tensor, c: nn.Conv2d) -> bool:
@@ -135,9 +168,10 @@ def _fusable(x: torch.Tensor, c: nn.Conv2d) -> bool:
     list, so the plain ops run there (the frozen graph fuses what oneDNN lets it)."""
     return (
         _FUSED_KERNEL
+        and torch.backends.mkldnn.enabled
         and not torch.jit.is_tracing()
         and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16_KERNEL))
         and x.dtype == c.weight.dtype
         and c.padding_mode == "zeros"
         and not isinstance(c.padding, str)
@@ -148,11 +182,7 @@ def _fusable(x: torch.Tensor, c: nn.Conv2d) -> bool:
 def _fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
     """Every Conv2d called once whose only user is an activation oneDNN can apply becomes a
     ConvAct; the activation's node is removed from the graph."""
-    mods = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    mods, calls = dict(gm.named_modules()), _calls(gm)
     for node in list(gm.graph.nodes):
         act = _activation(node, mods)
         src = node.args[0] if act is not None and node.args else None

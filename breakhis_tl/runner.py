@@ -309,34 +309,41 @@ def build_backbones(
 
 def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=None) -> dict:
     """(arch, weights id) -> the compute mode measured fastest here whose features match
-    fp32 (`fastpath.choose`), remembered per machine in dispatch.json; --no-cache runs
-    the same kernels, so its comparison with the cache is of caching alone. Sharded extraction
-    must agree on it (features differ by mode): shard 0 measures, the others wait for its
-    decision in the shared folder."""
+    fp32 (`fastpath.choose`), remembered per machine in dispatch.json (--no-cache too: it
+    runs the same kernels, so its comparison with the cache is of caching alone). Sharded
+    extraction must agree on it (features differ by mode), on any machine: shard 0
+    measures and shares its decision in the folder; the other shards wait for it."""
     import os
+
+    from breakhis_tl.fastpath import share_decision
 
     folder = Path(os.environ.get("BREAKHIS_TL_DISPATCH_DIR") or cache_root)
     modes = {}
     for bb in {id(b): b for b in backbones.values()}.values():
         if shard is not None and shard[0] != 0:
-            _wait_for_decision(bb, device, cfg.precision, folder)
-        modes[(bb.name, bb.weights_id)] = choose(bb, device, cfg.precision, cache_dir=folder)
+            mode = _wait_for_decision(bb, cfg.precision, folder)
+        else:
+            mode = choose(bb, device, cfg.precision, cache_dir=folder)
+            if shard is not None:
+                share_decision(folder, bb, cfg.precision, mode)
+        modes[(bb.name, bb.weights_id)] = mode
     return modes
 
 
-def _wait_for_decision(bb, device, precision: str, folder: Path, timeout: float = 1800) -> None:
+def _wait_for_decision(bb, precision: str, folder: Path, timeout: float = 1800):
     import time
 
-    from breakhis_tl.fastpath import _read_cache, dispatch_key
+    from breakhis_tl.fastpath import shared_decision
 
-    key, start = dispatch_key(bb, device, precision), time.monotonic()
-    while key not in _read_cache(folder):
+    start = time.monotonic()
+    while (mode := shared_decision(folder, bb, precision)) is None:
         if time.monotonic() - start > timeout:
             raise UserError(
                 f"Shard 0 has not written its compute-mode decision for {bb.name} to "
                 f"{folder / 'dispatch.json'} in {timeout:.0f} s; is shard 0 running?"
             )
         time.sleep(2)
+    return mode
 
 
 def make_stain(cfg: RunConfig) -> StainSetup:
