@@ -89,13 +89,15 @@ def calibrate(
         m.momentum = None  # cumulative average over all calibration batches
         m.training = True
     torch.manual_seed(seed)
-    seen = 0
+    seen, fast = 0, torch.channels_last  # NHWC kernels, same fp32 statistics to rounding
+    bb.module.to(memory_format=fast)
     try:
         for x, _, _, _, _ in make_loader(ds, batch_size=batch_size, workers=workers):
             if x is not None and len(x) > 1:  # batch-norm in train mode needs two samples
-                bb.module(x.float())
+                bb.module(x.float().contiguous(memory_format=fast))
                 seen += len(x)
     finally:
+        bb.module.to(memory_format=torch.contiguous_format)  # the plain mode stays NCHW
         for m in layers:
             m.training = False
     if seen == 0:

@@ -309,6 +309,22 @@ def test_near_ties_that_match_fp32_are_timed_again():
     assert F._contenders({"a": [0.5]}, {"a": 0.5}) == []
 
 
+def test_measure_times_the_near_ties_again(monkeypatch):
+    bb = build_backbone("mobilenet_v2", "none", 0)
+    slow, a, b = PLAIN, FastPath(None, True), FastPath(None, True, folded=True)
+    fake = {slow: [1.0] * 3, a: [0.50] * 3, b: [0.55] * 3}  # a and b within 15%
+    timed = []
+
+    def timing(fns, rounds, sync=None):
+        timed.append(set(fns))
+        return {p: list(fake[p]) for p in fns}
+
+    monkeypatch.setattr(F, "time_interleaved", timing)
+    trials = F.measure(bb, CPU, [slow, a, b], F.synthetic_batch(bb, n=2), rounds=3)
+    assert timed == [{slow, a, b}, {a, b}]
+    assert {t.path: len(t.seconds) for t in trials} == {slow: 3, a: 6, b: 6}
+
+
 @pytest.fixture
 def few_candidates(monkeypatch):
     paths = [PLAIN, FastPath(None, True, folded=True)]
