@@ -52,14 +52,38 @@ def bn_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:12]
 
 
-def load_bn_state(bb: Backbone, state: dict[str, torch.Tensor]) -> Backbone:
-    """Put saved statistics back (predict); the identity then names them."""
+def load_bn_state(
+    bb: Backbone, state: dict[str, torch.Tensor], weights_id: str | None = None
+) -> Backbone:
+    """Put saved statistics back (predict) under the name they were saved with (a head's
+    `weights_id`), else under a digest of their bits."""
     missing = set(bn_state(bb)) - set(state)
     if missing:
         raise ValueError(f"batch-norm statistics missing for {sorted(missing)[:3]}")
     bb.module.load_state_dict(state, strict=False)
-    bb.weights_id = f"{bb.weights_id.split('-bn')[0]}-bn{bn_digest(bn_state(bb))}"
+    bb.weights_id = weights_id or f"{_base_id(bb)}-bn{bn_digest(bn_state(bb))}"
     return bb
+
+
+def _base_id(bb: Backbone) -> str:
+    return bb.weights_id.split("-bn")[0]
+
+
+def calibration_id(bb: Backbone, sample: list[str], seed: int, batch_size: int, stain) -> str:
+    """What the statistics are made from (the sample's file contents, seed, batch size,
+    preprocessing, stain normalisation), not their bits: train-mode batch norm sums in an
+    order that depends on the thread count and the CPU, and the id names the cached
+    features, so a 1-thread torchrun `extract` and an N-thread `train` must agree."""
+    from breakhis_tl.identity import content_id
+
+    h = hashlib.sha256(f"{seed}|{batch_size}|{sorted(bb.prep.to_dict().items())}".encode())
+    h.update((stain.normaliser.identity() if stain is not None else "none").encode())
+    for path in sample:
+        try:
+            h.update(content_id(path).encode())
+        except OSError:
+            h.update(b"unreadable")  # skipped by the pass as well
+    return h.hexdigest()[:12]
 
 
 @torch.no_grad()
@@ -89,20 +113,20 @@ def calibrate(
         m.momentum = None  # cumulative average over all calibration batches
         m.training = True
     torch.manual_seed(seed)
-    seen, fast = 0, torch.channels_last  # NHWC kernels, same fp32 statistics to rounding
-    bb.module.to(memory_format=fast)
+    # NCHW: its statistics vary with the thread count in the 6th digit, channels_last's
+    # (1.8x faster) in the 3rd; either way not bit for bit, hence calibration_id
+    seen = 0
     try:
         for x, _, _, _, _ in make_loader(ds, batch_size=batch_size, workers=workers):
             if x is not None and len(x) > 1:  # batch-norm in train mode needs two samples
-                bb.module(x.float().contiguous(memory_format=fast))
+                bb.module(x.float())
                 seen += len(x)
     finally:
-        bb.module.to(memory_format=torch.contiguous_format)  # the plain mode stays NCHW
         for m in layers:
             m.training = False
     if seen == 0:
         log.warning("No readable image to calibrate %s's batch-norm statistics on.", bb.name)
-    bb.weights_id = f"{bb.weights_id.split('-bn')[0]}-bn{bn_digest(bn_state(bb))}"
+    bb.weights_id = f"{_base_id(bb)}-bn{calibration_id(bb, ds.paths, seed, batch_size, stain)}"
     log.info(
         "Random-init %s: batch-norm statistics recomputed on %d training images.", bb.name, seen
     )

@@ -95,12 +95,14 @@ def cpu_supports_bf16() -> bool:
     """Native bf16 arithmetic (AVX512-BF16, AMX, AVX-NE-CONVERT, Arm BF16) that oneDNN can
     use. oneDNN's own test also says yes on AVX512 CPUs without bf16 instructions, where it
     emulates bf16 and runs it about 2x slower than fp32 (measured under
-    ONEDNN_MAX_CPU_ISA=AVX512_CORE); on AVX2 alone it is 4-6x slower."""
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE); on AVX2 alone it is 4-6x slower. Where no flags can
+    be read (Windows, macOS), oneDNN's answer stands: `choose` measures it anyway."""
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-    return onednn and bool(BF16_FLAGS & set(cpu_info()[1]))
+    flags = set(cpu_info()[1])
+    return onednn and (not flags or bool(BF16_FLAGS & flags))
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -431,12 +433,13 @@ def _forget(bb: Backbone, device: torch.device, keep: set[FastPath]) -> None:
 
 
 def dispatch_key(bb: Backbone, device: torch.device, precision: str) -> str:
-    """Machine (CPU + flags hash, torch, GPU), torch threads, backbone + weights, input size,
-    precision, and this module's candidate set (DISPATCH_VERSION). Random inits count as
-    one weights kind: speed does not depend on the seed or on the batch-norm statistics of
-    a fold (each fold of a random-init run would measure again)."""
-    threads = f" | {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    return f"{machine_id(device)}{threads} | {_model_key(bb, precision)} | v{DISPATCH_VERSION}"
+    """Machine (CPU + flags hash, torch, GPU), backbone + weights, input size, precision,
+    and this module's candidate set (DISPATCH_VERSION). Random inits count as one weights
+    kind: speed does not depend on the seed or on the batch-norm statistics of a fold (each
+    fold of a random-init run would measure again). Not the thread count: the mode names
+    the cached features, so a `train` with N threads must reuse what a 1-thread torchrun
+    `extract` chose, or it would silently extract everything again."""
+    return f"{machine_id(device)} | {_model_key(bb, precision)} | v{DISPATCH_VERSION}"
 
 
 def _model_key(bb: Backbone, precision: str) -> str:
@@ -456,7 +459,32 @@ def shared_decision(cache_dir: str | Path, bb: Backbone, precision: str) -> Fast
 
 
 def _shared_key(bb: Backbone, precision: str) -> str:
-    return f"shard 0 of the last sharded run | {_model_key(bb, precision)}"
+    return f"shard 0 of run {run_token() or '(unnamed)'} | {_model_key(bb, precision)}"
+
+
+RUN_ID_VARIABLES = ("BREAKHIS_TL_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_ARRAY_JOB_ID")
+
+
+def run_token() -> str:
+    """What the shards of one launch share (torchrun's rendezvous id, a SLURM array's job
+    id, or BREAKHIS_TL_RUN_ID), so a shard never takes an earlier launch's decision; "" for
+    hand-started shards, which share the last unnamed one."""
+    for name in RUN_ID_VARIABLES:
+        value = os.environ.get(name, "")
+        if value and value != "none":  # torchrun's default id without a rendezvous
+            return value
+    return ""
+
+
+def check_runs_here(bb: Backbone, device: torch.device, path: FastPath) -> str | None:
+    """Why shard 0's mode cannot run on this device (None if it runs): a smoke batch, not
+    a guess from flags."""
+    try:
+        with torch.inference_mode():
+            out = run_backbone(bb, synthetic_batch(bb, 2).to(device), path)
+    except Exception as err:  # noqa: BLE001 - any failure means "not here"
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None if torch.isfinite(out.float()).all() else "non-finite features"
 
 
 def _read_cache(cache_dir: str | Path | None) -> dict:

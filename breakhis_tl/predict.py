@@ -163,7 +163,7 @@ class Classifier:
             from breakhis_tl.calibration import load_bn_state
 
             try:
-                load_bn_state(bb, bn)
+                load_bn_state(bb, bn, meta.get("weights_id"))
             except (ValueError, RuntimeError) as exc:
                 raise UserError(f"Head {path} carries backbone statistics that do not fit "
                                 f"{bb.name} ({exc}).") from None  # fmt: skip

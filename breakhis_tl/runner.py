@@ -322,12 +322,24 @@ def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=Non
     for bb in {id(b): b for b in backbones.values()}.values():
         if shard is not None and shard[0] != 0:
             mode = _wait_for_decision(bb, cfg.precision, folder)
+            _check_shared_mode(bb, device, mode, folder)
         else:
             mode = choose(bb, device, cfg.precision, cache_dir=folder)
             if shard is not None:
                 share_decision(folder, bb, cfg.precision, mode)
         modes[(bb.name, bb.weights_id)] = mode
     return modes
+
+
+def _check_shared_mode(bb, device, mode, folder: Path) -> None:
+    from breakhis_tl.fastpath import check_runs_here
+
+    if (why := check_runs_here(bb, device, mode)) is not None:
+        raise UserError(
+            f"Shard 0 chose {mode.describe()} for {bb.name} ({folder / 'dispatch.json'}), "
+            f"which does not run on this shard's {device} ({why}); run every shard on a "
+            "device that has that mode, or give all of them the same --precision fp32."
+        )
 
 
 def _wait_for_decision(bb, precision: str, folder: Path, timeout: float = 1800):

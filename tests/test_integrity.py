@@ -9,7 +9,7 @@ import torch
 from conftest import _shared
 
 from breakhis_tl.backbones import REGISTRY, build_backbone
-from breakhis_tl.calibration import calibrate
+from breakhis_tl.calibration import bn_state, calibrate
 from breakhis_tl.cli import main
 from breakhis_tl.errors import UserError
 from breakhis_tl.features import Request, check_features, extract
@@ -298,6 +298,28 @@ def test_random_init_gives_finite_varying_features(arch, breakhis_sample):
     check_features(arch, f, ok)  # raises on inf/NaN or constant features
     x = f.float()
     assert torch.isfinite(x).all() and (x.std(0) > 0).float().mean() > 0.5, arch
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "densenet121"])
+def test_calibration_does_not_depend_on_the_thread_count(arch, breakhis_sample):
+    """The statistics name the weights (weights_id) and so the cached features: a 1-thread
+    torchrun `extract` and an N-thread `train` must calibrate to the same bits."""
+    paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))[:6]
+    threads, bbs = torch.get_num_threads(), []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            bbs.append(calibrate(build_backbone(arch, "none", seed=0), paths, seed=0))
+    finally:
+        torch.set_num_threads(threads)
+    assert bbs[0].weights_id == bbs[1].weights_id
+    one, many = bn_state(bbs[0]), bn_state(bbs[1])  # the same statistics up to rounding
+    for k in (k for k in one if k.endswith("running_var")):
+        mean, std = k.replace("_var", "_mean"), one[k].sqrt()
+        assert ((one[k] - many[k]).abs() / one[k]).max() < 1e-4, k
+        assert ((one[mean] - many[mean]).abs() / std).max() < 1e-4, mean
+    other = calibrate(build_backbone(arch, "none", seed=0), paths[:5], seed=0)
+    assert other.weights_id != bbs[0].weights_id  # other images, other statistics, other name
 
 
 def test_uncalibrated_random_init_is_degenerate_and_stopped(breakhis_sample):
