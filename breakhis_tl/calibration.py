@@ -25,6 +25,7 @@ from breakhis_tl.transforms import eval_preset
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 256  # a seeded sample of the training images is plenty for BN means
+CALIBRATION_VERSION = 1  # in calibration_id: bump when the pass computes other statistics
 
 
 def _norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -76,7 +77,8 @@ def calibration_id(bb: Backbone, sample: list[str], seed: int, batch_size: int, 
     features, so a 1-thread torchrun `extract` and an N-thread `train` must agree."""
     from breakhis_tl.identity import content_id
 
-    h = hashlib.sha256(f"{seed}|{batch_size}|{sorted(bb.prep.to_dict().items())}".encode())
+    recipe = f"v{CALIBRATION_VERSION}|{seed}|{batch_size}|{sorted(bb.prep.to_dict().items())}"
+    h = hashlib.sha256(recipe.encode())
     h.update((stain.normaliser.identity() if stain is not None else "none").encode())
     for path in sample:
         try:
