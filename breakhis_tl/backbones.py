@@ -16,6 +16,7 @@ Pooled features (what a head sees), per architecture:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,6 +217,20 @@ def weights_id(weights: str, seed: int) -> str:
     return f"file-{file_digest(path)}"
 
 
+BN_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def random_weights_digest(module: nn.Module) -> str:
+    """The random weights themselves (batch-norm statistics aside): a seed names them only
+    while torch's initialisers stay the same, and a head must not meet other ones."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        if not k.endswith(BN_RUNNING):
+            h.update(f"{k}|{tuple(v.shape)}|".encode())
+            h.update(v.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 @dataclass
 class Backbone:
     """A frozen extractor: eval mode, no gradients, batch-norm statistics fixed."""
@@ -265,6 +280,8 @@ def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbo
     if name.startswith("timm:") or foundation.is_foundation(name):
         build = foundation.build_timm if name.startswith("timm:") else foundation.build
         module, dim, prep, wid = build(name.removeprefix("timm:"), weights, seed)
+        if weights == "none":
+            wid = f"{wid}-w{random_weights_digest(module)}"
         return Backbone(name, weights, wid, dim, prep, freeze(module))
     wid = weights_id(weights, seed)
     spec = REGISTRY[name]
@@ -288,6 +305,8 @@ def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbo
         raise
     if weights == "default":
         wid = default_weights_id(name)
+    elif weights == "none":
+        wid = f"{wid}-w{random_weights_digest(module)}"
     return Backbone(name, weights, wid, spec.feature_dim, spec.prep, freeze(module))
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 
 import numpy as np
 import torch
 from torch import nn
 
-from breakhis_tl.backbones import Backbone
+from breakhis_tl.backbones import BN_RUNNING, Backbone
 from breakhis_tl.dataset import ImageDataset, make_loader
 from breakhis_tl.stain import StainSetup
 from breakhis_tl.transforms import eval_preset
@@ -41,7 +42,7 @@ def bn_state(bb: Backbone) -> dict[str, torch.Tensor]:
     return {
         k: v.detach().cpu().clone()
         for k, v in bb.module.state_dict().items()
-        if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        if k.endswith(BN_RUNNING)
     }
 
 
@@ -56,18 +57,25 @@ def bn_digest(state: dict[str, torch.Tensor]) -> str:
 def load_bn_state(
     bb: Backbone, state: dict[str, torch.Tensor], weights_id: str | None = None
 ) -> Backbone:
-    """Put saved statistics back (predict) under the name they were saved with (a head's
-    `weights_id`), else under a digest of their bits."""
+    """Put saved statistics back (predict). The rebuilt backbone keeps its own name for the
+    random weights, so a head meets other weights (a changed initialiser) as a mismatch; only
+    the statistics' part of the name comes from the head (`weights_id`), else from a digest
+    of their bits."""
     missing = set(bn_state(bb)) - set(state)
     if missing:
         raise ValueError(f"batch-norm statistics missing for {sorted(missing)[:3]}")
     bb.module.load_state_dict(state, strict=False)
-    bb.weights_id = weights_id or f"{_base_id(bb)}-bn{bn_digest(bn_state(bb))}"
+    saved = _BN_SUFFIX.search(weights_id or "")
+    suffix = saved.group(0) if saved else f"-bn{bn_digest(bn_state(bb))}"
+    bb.weights_id = _base_id(bb) + suffix
     return bb
 
 
+_BN_SUFFIX = re.compile(r"-bn[0-9a-f]{12}$")
+
+
 def _base_id(bb: Backbone) -> str:
-    return bb.weights_id.split("-bn")[0]
+    return _BN_SUFFIX.sub("", bb.weights_id)
 
 
 def calibration_id(bb: Backbone, sample: list[str], seed: int, batch_size: int, stain) -> str:
@@ -79,7 +87,8 @@ def calibration_id(bb: Backbone, sample: list[str], seed: int, batch_size: int, 
 
     recipe = f"v{CALIBRATION_VERSION}|{seed}|{batch_size}|{sorted(bb.prep.to_dict().items())}"
     h = hashlib.sha256(recipe.encode())
-    h.update((stain.normaliser.identity() if stain is not None else "none").encode())
+    h.update(b"|" + (stain.normaliser.identity() if stain is not None else "none").encode())
+    h.update(b"|")
     for path in sample:
         try:
             h.update(content_id(path).encode())

@@ -96,13 +96,26 @@ def cpu_supports_bf16() -> bool:
     use. oneDNN's own test also says yes on AVX512 CPUs without bf16 instructions, where it
     emulates bf16 and runs it about 2x slower than fp32 (measured under
     ONEDNN_MAX_CPU_ISA=AVX512_CORE); on AVX2 alone it is 4-6x slower. Where no flags can
-    be read (Windows, macOS), oneDNN's answer stands: `choose` measures it anyway."""
+    be read (Windows, macOS), torch's own CPU probe answers on x86, and oneDNN's on Arm."""
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
     flags = set(cpu_info()[1])
-    return onednn and (not flags or bool(BF16_FLAGS & flags))
+    if not flags and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
+        flags = _probed_x86_flags()  # unknown: emulated bf16 is the likelier case
+    elif not flags:
+        return onednn
+    return onednn and bool(BF16_FLAGS & flags)
+
+
+def _probed_x86_flags() -> set[str]:
+    """bf16 flags from torch's cpuinfo probe (torch >= 2.3), under /proc/cpuinfo's names."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return set()
+    return {k for k in ("avx512_bf16", "amx_bf16", "avx_ne_convert") if caps.get(k)}
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -373,8 +386,11 @@ def choose(bb: Backbone, device: torch.device, precision: str = "auto",
     cached = _read_cache(cache_dir).get(key)
     if cached:
         path = FastPath.from_dict(cached["path"])
-        log.info("Compute mode for %s on %s: %s (cached in %s).", bb.name, device,
-                 path.describe(), Path(cache_dir) / DISPATCH_FILE)  # fmt: skip
+        threads = cached.get("threads", torch.get_num_threads())
+        log.info("Compute mode for %s on %s: %s (cached in %s%s).", bb.name, device,
+                 path.describe(), Path(cache_dir) / DISPATCH_FILE,
+                 "" if threads == torch.get_num_threads() else
+                 f", measured with {threads} threads, now {torch.get_num_threads()}")  # fmt: skip
         return path
     paths = _family(candidates(device, compile), device, precision)
     x = batch if batch is not None else synthetic_batch(bb)
@@ -465,15 +481,24 @@ def _shared_key(bb: Backbone, precision: str) -> str:
 RUN_ID_VARIABLES = ("BREAKHIS_TL_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_ARRAY_JOB_ID")
 
 
+def run_id_variable() -> str:
+    """Where this launch's id comes from: BREAKHIS_TL_RUN_ID if set, else the launcher that
+    split the shards (as `cli.parse_shard` reads them): torchrun's rendezvous id when RANK is
+    set, a SLURM array's job id in an array task."""
+    env = os.environ
+    if env.get("BREAKHIS_TL_RUN_ID"):
+        return "BREAKHIS_TL_RUN_ID"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "TORCHELASTIC_RUN_ID"
+    return "SLURM_ARRAY_JOB_ID" if "SLURM_ARRAY_TASK_ID" in env else "BREAKHIS_TL_RUN_ID"
+
+
 def run_token() -> str:
-    """What the shards of one launch share (torchrun's rendezvous id, a SLURM array's job
-    id, or BREAKHIS_TL_RUN_ID), so a shard never takes an earlier launch's decision; "" for
-    hand-started shards, which share the last unnamed one."""
-    for name in RUN_ID_VARIABLES:
-        value = os.environ.get(name, "")
-        if value and value != "none":  # torchrun's default id without a rendezvous
-            return value
-    return ""
+    """What the shards of one launch share, so a shard never takes an earlier launch's
+    decision; "" where there is none (shards started by hand, torchrun without a rendezvous
+    id), and those share the last unnamed one."""
+    value = os.environ.get(run_id_variable(), "")
+    return "" if value == "none" else value  # "none": torchrun's static default
 
 
 def check_runs_here(bb: Backbone, device: torch.device, path: FastPath) -> str | None:
@@ -500,6 +525,7 @@ def _write_cache(cache_dir, key: str, best: Trial, trials: list[Trial]) -> None:
     if cache_dir is None:
         return
     _update_cache(cache_dir, key, {"path": best.path.to_dict(), "mode": best.path.describe(),
+                                   "threads": torch.get_num_threads(),
                                    "measured": [t.to_dict() for t in trials]})  # fmt: skip
 
 

@@ -318,6 +318,8 @@ def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=Non
     from breakhis_tl.fastpath import share_decision
 
     folder = Path(os.environ.get("BREAKHIS_TL_DISPATCH_DIR") or cache_root)
+    if shard is not None:
+        _warn_if_unnamed_launch()
     modes = {}
     for bb in {id(b): b for b in backbones.values()}.values():
         if shard is not None and shard[0] != 0:
@@ -338,21 +340,36 @@ def _check_shared_mode(bb, device, mode, folder: Path) -> None:
         raise UserError(
             f"Shard 0 chose {mode.describe()} for {bb.name} ({folder / 'dispatch.json'}), "
             f"which does not run on this shard's {device} ({why}); run every shard on a "
-            "device that has that mode, or give all of them the same --precision fp32."
+            "device that has that mode, or run every shard with --precision fp32."
+        )
+
+
+def _warn_if_unnamed_launch() -> None:
+    from breakhis_tl.fastpath import run_id_variable, run_token
+
+    if not run_token():
+        log.warning(
+            "This shard's launch has no id (%s is unset or 'none'), so its shards share the "
+            "last unnamed compute-mode decision in dispatch.json, perhaps an earlier launch's; "
+            "set BREAKHIS_TL_RUN_ID to one new value for all shards of this launch (or use "
+            "torchrun --standalone, or a SLURM array).",
+            run_id_variable(),
         )
 
 
 def _wait_for_decision(bb, precision: str, folder: Path, timeout: float = 1800):
     import time
 
-    from breakhis_tl.fastpath import shared_decision
+    from breakhis_tl.fastpath import run_id_variable, run_token, shared_decision
 
     start = time.monotonic()
     while (mode := shared_decision(folder, bb, precision)) is None:
         if time.monotonic() - start > timeout:
+            launch = run_token() or "(unnamed)"
             raise UserError(
-                f"Shard 0 has not written its compute-mode decision for {bb.name} to "
-                f"{folder / 'dispatch.json'} in {timeout:.0f} s; is shard 0 running?"
+                f"Shard 0 of launch {launch} ({run_id_variable()}) has not written its "
+                f"compute-mode decision for {bb.name} to {folder / 'dispatch.json'} in "
+                f"{timeout:.0f} s; is shard 0 running, with the same launch id?"
             )
         time.sleep(2)
     return mode

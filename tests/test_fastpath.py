@@ -7,14 +7,17 @@ and without bf16 kernels.
 
 import copy
 import json
+import logging
+import types
 
 import pytest
 import torch
 from torch import fx, nn
 
 from breakhis_tl import fastpath as F
-from breakhis_tl import folding
+from breakhis_tl import folding, runner
 from breakhis_tl.backbones import build_backbone
+from breakhis_tl.errors import UserError
 from breakhis_tl.fastpath import PLAIN, FastPath
 from breakhis_tl.folding import ConvAct
 from breakhis_tl.images import load_rgb
@@ -337,7 +340,7 @@ def few_candidates(monkeypatch):
     return paths
 
 
-def test_choose_measures_once_then_reads_the_cache(few_candidates, tmp_path, monkeypatch):
+def test_choose_measures_once_then_reads_the_cache(few_candidates, tmp_path, monkeypatch, caplog):
     bb = build_backbone("mobilenet_v2", "none", 0)
     x = F.synthetic_batch(bb, n=2)
     got = F.choose(bb, CPU, "auto", tmp_path, batch=x, rounds=2)
@@ -346,16 +349,20 @@ def test_choose_measures_once_then_reads_the_cache(few_candidates, tmp_path, mon
     key = F.dispatch_key(bb, CPU, "auto")
     assert key.startswith(F.machine_id(CPU)) and "mobilenet_v2" in key and "224px" in key
     assert f"v{F.DISPATCH_VERSION}" in key
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 1-thread torchrun extract and an N-thread train agree
-    try:
-        assert F.dispatch_key(bb, CPU, "auto") == key
-    finally:
-        torch.set_num_threads(threads)
     assert data[key]["mode"] == got.describe()
+    assert data[key]["threads"] == torch.get_num_threads()
     assert {m["mode"] for m in data[key]["measured"]} == {p.describe() for p in few_candidates}
     monkeypatch.setattr(F, "measure", lambda *a, **k: pytest.fail("measured again"))
     assert F.choose(bb, CPU, "auto", tmp_path) == got
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # a 1-thread torchrun extract and an N-thread train agree
+    try:
+        assert F.dispatch_key(bb, CPU, "auto") == key
+        with caplog.at_level(logging.INFO):
+            assert F.choose(bb, CPU, "auto", tmp_path) == got
+    finally:
+        torch.set_num_threads(threads)
+    assert f"measured with {threads} threads, now {threads + 1}" in caplog.text
 
 
 def test_precision_overrides(few_candidates, tmp_path):
@@ -383,40 +390,89 @@ def test_bf16_needs_native_instructions_not_only_onednn(monkeypatch):
     assert F.cpu_supports_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def test_without_readable_flags_onednn_decides(monkeypatch):
-    monkeypatch.setattr(F, "cpu_info", lambda: ("arm", []))  # macOS, Windows
-    assert F.cpu_supports_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def test_without_readable_flags_torch_probes_x86_and_onednn_decides_on_arm(monkeypatch):
+    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(F, "cpu_info", lambda: ("", []))  # Windows, macOS
+    monkeypatch.setattr(F.platform, "machine", lambda: "AMD64")
+    monkeypatch.setattr(F, "_probed_x86_flags", lambda: set())  # an AVX512 CPU without bf16
+    assert not F.cpu_supports_bf16()
+    monkeypatch.setattr(F, "_probed_x86_flags", lambda: {"amx_bf16"})
+    assert F.cpu_supports_bf16() == onednn
+    monkeypatch.setattr(F.platform, "machine", lambda: "arm64")  # Apple silicon
+    assert F.cpu_supports_bf16() == onednn
+
+
+def test_torch_probe_agrees_with_proc_cpuinfo():
+    flags = F.cpu_info()[1]
+    if not flags or "avx2" not in flags or not hasattr(torch._C._cpu, "_get_cpu_capability"):
+        pytest.skip("not an x86 CPU with /proc/cpuinfo flags and a torch CPU probe")
+    assert bool(F._probed_x86_flags()) == bool(set(flags) & F.BF16_FLAGS)
+
+
+def _clear_launch(monkeypatch):
+    for name in (*F.RUN_ID_VARIABLES, "RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def test_a_shared_decision_belongs_to_one_launch(tmp_path, monkeypatch):
-    for name in F.RUN_ID_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    _clear_launch(monkeypatch)
     bb = build_backbone("mobilenet_v2", "none", 0)
     bf16 = FastPath(torch.bfloat16, True, folded=True, cast=True)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
     F.share_decision(tmp_path, bb, "auto", bf16)
     assert F.shared_decision(tmp_path, bb, "auto") == bf16
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-2")  # a later launch waits for its own
     assert F.shared_decision(tmp_path, bb, "auto") is None
+    monkeypatch.setenv("BREAKHIS_TL_RUN_ID", "launch-1")  # the user's id comes first
+    assert F.shared_decision(tmp_path, bb, "auto") == bf16
+
+
+def test_the_launch_id_comes_from_the_launcher_that_split_the_shards(monkeypatch):
+    _clear_launch(monkeypatch)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")  # set, but the shards are torchrun's
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without a rendezvous id
-    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
-    assert F.run_token() == "77" and F.shared_decision(tmp_path, bb, "auto") is None
+    assert (F.run_id_variable(), F.run_token()) == ("TORCHELASTIC_RUN_ID", "")
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert (F.run_id_variable(), F.run_token()) == ("SLURM_ARRAY_JOB_ID", "77")
 
 
-class _LinalgHead(nn.Module):
-    """A step with no bf16 CPU kernel (linalg), like a mode another device lacks."""
+class _NoBf16(nn.Module):
+    """A step with no bf16 kernel, like a mode another device lacks."""
 
     def forward(self, x):
-        m = x[:, :, :4, :4].mean(1) + 4 * torch.eye(4, dtype=x.dtype)
-        return torch.linalg.inv(m).flatten(1)
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("\"conv_depthwise\" not implemented for 'BFloat16'")
+        return x.mean((2, 3))
 
 
 def test_a_shared_mode_is_tried_on_this_device_first():
     bb = build_backbone("mobilenet_v2", "none", 0)
-    bb = type(bb)(bb.name, "none", "none-test", 16, bb.prep, _LinalgHead())
+    bb = type(bb)(bb.name, "none", "none-test", 3, bb.prep, _NoBf16())
     assert F.check_runs_here(bb, CPU, PLAIN) is None
     why = F.check_runs_here(bb, CPU, FastPath(torch.bfloat16, cast=True))
     assert why and "BFloat16" in why
+
+
+def test_a_shard_that_cannot_run_shard_0s_mode_stops_with_a_sentence(tmp_path, monkeypatch, caplog):
+    _clear_launch(monkeypatch)
+    monkeypatch.delenv("BREAKHIS_TL_DISPATCH_DIR", raising=False)
+    bb = build_backbone("mobilenet_v2", "none", 0)
+    bf16 = FastPath(torch.bfloat16, True, folded=True, cast=True)
+    F.share_decision(tmp_path, bb, "auto", bf16)
+    cfg = types.SimpleNamespace(precision="auto")
+    monkeypatch.setattr(F, "check_runs_here", lambda *a: "RuntimeError: no bf16 kernel")
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError) as err:
+        runner.compute_modes(cfg, {"a": bb}, CPU, tmp_path, shard=(1, 2))
+    assert "no bf16 kernel); run every shard on a device" in str(err.value)
+    assert "--precision fp32" in str(err.value) and "launch has no id" in caplog.text
+    monkeypatch.setattr(F, "check_runs_here", lambda *a: None)
+    modes = runner.compute_modes(cfg, {"a": bb}, CPU, tmp_path, shard=(1, 2))
+    assert modes == {(bb.name, bb.weights_id): bf16}
 
 
 def test_without_bf16_kernels_only_fp32_is_timed_unless_asked(monkeypatch):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import _shared
 
-from breakhis_tl.backbones import REGISTRY, build_backbone
-from breakhis_tl.calibration import bn_state, calibrate
+from breakhis_tl import calibration
+from breakhis_tl.backbones import REGISTRY, build_backbone, random_weights_digest, with_input_size
+from breakhis_tl.calibration import bn_state, calibrate, calibration_id
 from breakhis_tl.cli import main
 from breakhis_tl.errors import UserError
 from breakhis_tl.features import Request, check_features, extract
@@ -303,7 +304,8 @@ def test_random_init_gives_finite_varying_features(arch, breakhis_sample):
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "densenet121"])
 def test_calibration_does_not_depend_on_the_thread_count(arch, breakhis_sample):
     """The statistics name the weights (weights_id) and so the cached features: a 1-thread
-    torchrun `extract` and an N-thread `train` must calibrate to the same bits."""
+    torchrun `extract` and an N-thread `train` must calibrate to one name and to the same
+    statistics up to summation order."""
     paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))[:6]
     threads, bbs = torch.get_num_threads(), []
     try:
@@ -320,6 +322,55 @@ def test_calibration_does_not_depend_on_the_thread_count(arch, breakhis_sample):
         assert ((one[mean] - many[mean]).abs() / std).max() < 1e-4, mean
     other = calibrate(build_backbone(arch, "none", seed=0), paths[:5], seed=0)
     assert other.weights_id != bbs[0].weights_id  # other images, other statistics, other name
+
+
+def test_a_calibrated_backbone_is_named_by_everything_its_statistics_came_from(
+    breakhis_sample, monkeypatch
+):
+    from breakhis_tl.stain import StainNormaliser, StainSetup
+
+    paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))[:6]
+    bb = build_backbone("mobilenet_v2", "none", seed=0)
+    base = calibration_id(bb, paths, 0, 32, None)
+    assert calibration_id(bb, paths, 0, 32, None) == base
+    others = {
+        "seed": calibration_id(bb, paths, 1, 32, None),
+        "batch size": calibration_id(bb, paths, 0, 16, None),
+        "sample": calibration_id(bb, paths[::-1], 0, 32, None),
+        "input size": calibration_id(with_input_size(bb, 112), paths, 0, 32, None),
+        "stain": calibration_id(bb, paths, 0, 32, StainSetup(StainNormaliser("macenko"))),
+    }
+    monkeypatch.setattr(calibration, "CALIBRATION_VERSION", calibration.CALIBRATION_VERSION + 1)
+    others["version"] = calibration_id(bb, paths, 0, 32, None)
+    assert base not in others.values() and len(set(others.values())) == len(others), others
+    # the random weights are in the name's base: another initialiser, another name
+    changed = build_backbone("mobilenet_v2", "none", seed=0)
+    assert changed.weights_id == bb.weights_id
+    with torch.no_grad():
+        next(changed.module.parameters()).view(-1)[0] += 1e-3
+    assert random_weights_digest(changed.module) != random_weights_digest(bb.module)
+    assert build_backbone("mobilenet_v2", "none", seed=1).weights_id != bb.weights_id
+
+
+def test_a_random_init_head_predicts_and_refuses_other_random_weights(
+    breakhis_sample, tmp_path, monkeypatch
+):
+    """The head carries the batch-norm statistics; the weights are rebuilt from the seed and
+    must be the ones it was trained on, which the name's `-w` part checks."""
+    from breakhis_tl import backbones
+    from breakhis_tl.predict import Classifier
+
+    cfg = _cfg(breakhis_sample, tmp_path, archs=["mobilenet_v2"], weights="none", run="r")
+    res = run_training(cfg)
+    head = res.heads["mobilenet_v2"]
+    clf = Classifier.from_head(head)
+    trained = read_head_file(head)[0]["weights_id"]
+    assert clf.backbone.weights_id == trained and "-w" in trained and "-bn" in trained
+    images = sorted(breakhis_sample.rglob("*.png"))[:3]
+    assert (clf.predict(images, progress=False)["error"] == "").all()
+    monkeypatch.setattr(backbones, "random_weights_digest", lambda module: "0" * 12)
+    with pytest.raises(UserError, match="features would not be the ones the head learned"):
+        Classifier.from_head(head)
 
 
 def test_uncalibrated_random_init_is_degenerate_and_stopped(breakhis_sample):
