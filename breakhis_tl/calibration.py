@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from breakhis_tl.backbones import BN_RUNNING, Backbone
+from breakhis_tl.backbones import BN_RUNNING, Backbone, random_weights_fingerprint
 from breakhis_tl.dataset import ImageDataset, make_loader
 from breakhis_tl.stain import StainSetup
 from breakhis_tl.transforms import eval_preset
@@ -46,28 +46,29 @@ def bn_state(bb: Backbone) -> dict[str, torch.Tensor]:
     }
 
 
-def bn_digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+FINGERPRINT_KEY = "random_weights.fingerprint"  # in a head file's extra tensors
 
 
-def load_bn_state(
-    bb: Backbone, state: dict[str, torch.Tensor], weights_id: str | None = None
-) -> Backbone:
-    """Put saved statistics back (predict). The rebuilt backbone keeps its own name for the
-    random weights, so a head meets other weights (a changed initialiser) as a mismatch; only
-    the statistics' part of the name comes from the head (`weights_id`), else from a digest
-    of their bits."""
+def random_init_record(bb: Backbone, memo: dict) -> dict[str, torch.Tensor]:
+    """What a random-init head carries of its backbone: the batch-norm statistics of its
+    fold and a fingerprint of the weights the seed drew (once per architecture, in `memo`),
+    so `predict` can tell whether its torch draws the same weights again."""
+    if bb.name not in memo:
+        memo[bb.name] = random_weights_fingerprint(bb.module)
+    return {**bn_state(bb), FINGERPRINT_KEY: memo[bb.name]}
+
+
+def load_bn_state(bb: Backbone, state: dict[str, torch.Tensor], weights_id: str) -> Backbone:
+    """Put a head's statistics back (predict) under the name it was trained with: the rebuilt
+    backbone keeps its own base name, only the statistics' `-bn` part comes from the head."""
     missing = set(bn_state(bb)) - set(state)
     if missing:
         raise ValueError(f"batch-norm statistics missing for {sorted(missing)[:3]}")
+    saved = _BN_SUFFIX.search(weights_id)
+    if saved is None:
+        raise ValueError(f"its weights id {weights_id} names no batch-norm statistics")
     bb.module.load_state_dict(state, strict=False)
-    saved = _BN_SUFFIX.search(weights_id or "")
-    suffix = saved.group(0) if saved else f"-bn{bn_digest(bn_state(bb))}"
-    bb.weights_id = _base_id(bb) + suffix
+    bb.weights_id = _base_id(bb) + saved.group(0)
     return bb
 
 
@@ -78,7 +79,9 @@ def _base_id(bb: Backbone) -> str:
     return _BN_SUFFIX.sub("", bb.weights_id)
 
 
-def calibration_id(bb: Backbone, sample: list[str], seed: int, batch_size: int, stain) -> str:
+def calibration_id(
+    bb: Backbone, sample: list[str], seed: int, batch_size: int, stain: StainSetup | None
+) -> str:
     """What the statistics are made from (the sample's file contents, seed, batch size,
     preprocessing, stain normalisation), not their bits: train-mode batch norm sums in an
     order that depends on the thread count and the CPU, and the id names the cached

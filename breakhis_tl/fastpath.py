@@ -27,7 +27,7 @@ import warnings
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -97,16 +97,20 @@ def cpu_supports_bf16() -> bool:
     emulates bf16 and runs it about 2x slower than fp32 (measured under
     ONEDNN_MAX_CPU_ISA=AVX512_CORE); on AVX2 alone it is 4-6x slower. Where no flags can
     be read (Windows, macOS), torch's own CPU probe answers on x86, and oneDNN's on Arm."""
-    try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    onednn = _onednn_bf16()
     flags = set(cpu_info()[1])
     if not flags and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
         flags = _probed_x86_flags()  # unknown: emulated bf16 is the likelier case
     elif not flags:
         return onednn
     return onednn and bool(BF16_FLAGS & flags)
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _probed_x86_flags() -> set[str]:
@@ -466,7 +470,22 @@ def _model_key(bb: Backbone, precision: str) -> str:
 def share_decision(cache_dir: str | Path, bb: Backbone, precision: str, path: FastPath) -> None:
     """Shard 0's mode, under a key without the machine, for shards on other machines: the
     whole cache must hold one feature space."""
-    _update_cache(cache_dir, _shared_key(bb, precision), {"path": path.to_dict()})
+    _update_cache(cache_dir, _shared_key(bb, precision), {"path": path.to_dict()},
+                  prune=_stale_launch)  # fmt: skip
+
+
+SHARED_KEEP_DAYS = 30  # a launch's shared decision is dropped from dispatch.json after this
+
+
+def _stale_launch(key: str, entry: dict) -> bool:
+    """Each sharded launch adds a key; finished launches' keys would pile up for ever."""
+    if not key.startswith("shard 0 of run "):
+        return False
+    try:
+        age = datetime.now(timezone.utc) - datetime.fromisoformat(entry["when"])
+    except (KeyError, TypeError, ValueError):
+        return True
+    return age > timedelta(days=SHARED_KEEP_DAYS)
 
 
 def shared_decision(cache_dir: str | Path, bb: Backbone, precision: str) -> FastPath | None:
@@ -529,11 +548,14 @@ def _write_cache(cache_dir, key: str, best: Trial, trials: list[Trial]) -> None:
                                    "measured": [t.to_dict() for t in trials]})  # fmt: skip
 
 
-def _update_cache(cache_dir: str | Path, key: str, entry: dict) -> None:
-    """Read-modify-replace, so a concurrent reader never sees half a file."""
+def _update_cache(cache_dir: str | Path, key: str, entry: dict, prune=None) -> None:
+    """Read-modify-replace, so a concurrent reader never sees half a file; `prune(key,
+    entry)` says which old entries to drop on the way."""
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     data = _read_cache(folder)
+    if prune is not None:
+        data = {k: v for k, v in data.items() if not prune(k, v)}
     data[key] = {**entry, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     tmp = folder / f".{DISPATCH_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

@@ -140,6 +140,31 @@ def domain_warning(names: list[str], sizes: list, dataset: str, classes: list[st
     )
 
 
+def _restore_random_init(path, bb, meta: dict) -> None:
+    """The weights the head's seed draws here must be the ones it was trained on (checked
+    where the head has their fingerprint), and its batch-norm statistics go back in."""
+    from breakhis_tl.backbones import random_weights_fingerprint, same_random_weights
+    from breakhis_tl.calibration import FINGERPRINT_KEY, load_bn_state
+
+    extra = {k: v for k, v in meta.get("_extra", {}).items() if not k.startswith("stain.")}
+    fingerprint = extra.pop(FINGERPRINT_KEY, None)
+    if fingerprint is not None and not same_random_weights(
+        random_weights_fingerprint(bb.module), fingerprint
+    ):
+        raise UserError(
+            f"Head {path} was trained on random {bb.name} weights from seed "
+            f"{meta.get('seed', 0)}, but torch {torch.__version__} draws other weights from "
+            f"that seed (the head's torch: {meta.get('versions', {}).get('torch', 'unknown')}); "
+            "predict with that torch, or train the head again with this one."
+        )
+    if extra:  # batch-norm statistics
+        try:
+            load_bn_state(bb, extra, meta.get("weights_id", ""))
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"Head {path} carries backbone statistics that do not fit "
+                            f"{bb.name} ({exc}).") from None  # fmt: skip
+
+
 class Classifier:
     """A frozen backbone and a trained head, rebuilt from a head file."""
 
@@ -158,15 +183,8 @@ class Classifier:
     def from_head(cls, path: str | Path, device: str = "auto") -> Classifier:
         head, meta = load_head(path)
         bb = build_backbone(meta["arch"], meta["weights"], int(meta.get("seed", 0)))
-        bn = {k: v for k, v in meta.get("_extra", {}).items() if not k.startswith("stain.")}
-        if bn:  # a random-init backbone's batch-norm statistics
-            from breakhis_tl.calibration import load_bn_state
-
-            try:
-                load_bn_state(bb, bn, meta.get("weights_id"))
-            except (ValueError, RuntimeError) as exc:
-                raise UserError(f"Head {path} carries backbone statistics that do not fit "
-                                f"{bb.name} ({exc}).") from None  # fmt: skip
+        if meta["weights"] == "none":
+            _restore_random_init(path, bb, meta)
         if int(meta["prep"]["input_size"]) != bb.prep.input_size:  # trained at --input-size
             from breakhis_tl.backbones import with_input_size
 

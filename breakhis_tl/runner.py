@@ -477,8 +477,10 @@ class _Context:
 
 
 def head_jobs(cfg: RunConfig, data: Data, backbones, stain: StainSetup) -> list[headjob.HeadJob]:
+    from breakhis_tl.calibration import random_init_record
+
     rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
-    jobs = []
+    jobs, fingerprints = [], {}
     for arch in cfg.archs:
         for k, split in data.plan.folds:
             split = split.reset_index(drop=True)
@@ -492,9 +494,7 @@ def head_jobs(cfg: RunConfig, data: Data, backbones, stain: StainSetup) -> list[
                 bb, twins = backbones[(arch, k)], data.twins.get(k, 0)
                 job = headjob.HeadJob(bb, k, r + 1, split, rows, y, twins, name, seed)
                 if job.backbone.weights == "none":
-                    from breakhis_tl.calibration import bn_state
-
-                    job.extras = bn_state(job.backbone)
+                    job.extras = random_init_record(job.backbone, fingerprints)
                 job.extras.update(stain.params())
                 jobs.append(job)
     return jobs

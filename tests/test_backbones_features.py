@@ -1,6 +1,5 @@
 import dataclasses
 import os
-import re
 import shutil
 
 import numpy as np
@@ -76,8 +75,7 @@ def test_random_init_depends_on_seed():
     b = build_backbone("mobilenet_v2", "none", seed=0)
     c = build_backbone("mobilenet_v2", "none", seed=1)
     assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
-    assert a.weights_id == b.weights_id != c.weights_id
-    assert re.fullmatch(r"none-seed0-w[0-9a-f]{12}", a.weights_id)
+    assert a.weights_id == "none-seed0" != c.weights_id
 
 
 def test_missing_weights_name_the_file(monkeypatch, tmp_path):

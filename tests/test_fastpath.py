@@ -384,22 +384,26 @@ def test_machine_names_the_cpu_and_its_flags():
 
 def test_bf16_needs_native_instructions_not_only_onednn(monkeypatch):
     """oneDNN says yes on AVX512 without bf16 instructions, where it emulates bf16 slowly."""
+    monkeypatch.setattr(F, "_onednn_bf16", lambda: True)
     monkeypatch.setattr(F, "cpu_info", lambda: ("Xeon", ["avx2", "avx512f", "avx512bw"]))
-    assert not F.cpu_supports_bf16()
+    assert F.cpu_supports_bf16() is False
     monkeypatch.setattr(F, "cpu_info", lambda: ("Xeon", ["avx512f", "amx_bf16"]))
-    assert F.cpu_supports_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert F.cpu_supports_bf16() is True
+    monkeypatch.setattr(F, "_onednn_bf16", lambda: False)  # a torch built without it
+    assert F.cpu_supports_bf16() is False
 
 
-def test_without_readable_flags_torch_probes_x86_and_onednn_decides_on_arm(monkeypatch):
-    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+@pytest.mark.parametrize("onednn", [True, False])
+def test_without_readable_flags_torch_probes_x86_and_onednn_decides_on_arm(monkeypatch, onednn):
+    monkeypatch.setattr(F, "_onednn_bf16", lambda: onednn)
     monkeypatch.setattr(F, "cpu_info", lambda: ("", []))  # Windows, macOS
     monkeypatch.setattr(F.platform, "machine", lambda: "AMD64")
     monkeypatch.setattr(F, "_probed_x86_flags", lambda: set())  # an AVX512 CPU without bf16
-    assert not F.cpu_supports_bf16()
+    assert F.cpu_supports_bf16() is False
     monkeypatch.setattr(F, "_probed_x86_flags", lambda: {"amx_bf16"})
-    assert F.cpu_supports_bf16() == onednn
+    assert F.cpu_supports_bf16() is onednn
     monkeypatch.setattr(F.platform, "machine", lambda: "arm64")  # Apple silicon
-    assert F.cpu_supports_bf16() == onednn
+    assert F.cpu_supports_bf16() is onednn
 
 
 def test_torch_probe_agrees_with_proc_cpuinfo():
@@ -427,6 +431,15 @@ def test_a_shared_decision_belongs_to_one_launch(tmp_path, monkeypatch):
     assert F.shared_decision(tmp_path, bb, "auto") is None
     monkeypatch.setenv("BREAKHIS_TL_RUN_ID", "launch-1")  # the user's id comes first
     assert F.shared_decision(tmp_path, bb, "auto") == bf16
+    data = json.loads((tmp_path / F.DISPATCH_FILE).read_text())
+    old = {"path": bf16.to_dict(), "when": "2020-01-01T00:00:00+00:00"}
+    data["shard 0 of run old-launch | x"] = old  # finished launches do not pile up
+    (tmp_path / F.DISPATCH_FILE).write_text(json.dumps(data))
+    monkeypatch.setenv("BREAKHIS_TL_RUN_ID", "launch-3")
+    F.share_decision(tmp_path, bb, "auto", PLAIN)
+    kept = json.loads((tmp_path / F.DISPATCH_FILE).read_text())
+    assert "shard 0 of run old-launch | x" not in kept and len(kept) == 2
+    assert F.shared_decision(tmp_path, bb, "auto") == PLAIN
 
 
 def test_the_launch_id_comes_from_the_launcher_that_split_the_shards(monkeypatch):

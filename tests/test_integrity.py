@@ -1,6 +1,10 @@
 """Every reported number is clean: split files, twins, patient keys, selection, baselines."""
 
+import copy
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -9,10 +13,17 @@ import torch
 from conftest import _shared
 
 from breakhis_tl import calibration
-from breakhis_tl.backbones import REGISTRY, build_backbone, random_weights_digest, with_input_size
+from breakhis_tl.backbones import (
+    REGISTRY,
+    build_backbone,
+    random_weights_fingerprint,
+    same_random_weights,
+    with_input_size,
+)
 from breakhis_tl.calibration import bn_state, calibrate, calibration_id
 from breakhis_tl.cli import main
 from breakhis_tl.errors import UserError
+from breakhis_tl.fastpath import cpu_info
 from breakhis_tl.features import Request, check_features, extract
 from breakhis_tl.folds import SplitOptions, plan_folds, write_split
 from breakhis_tl.heads import read_head_file
@@ -314,7 +325,6 @@ def test_calibration_does_not_depend_on_the_thread_count(arch, breakhis_sample):
             bbs.append(calibrate(build_backbone(arch, "none", seed=0), paths, seed=0))
     finally:
         torch.set_num_threads(threads)
-    assert bbs[0].weights_id == bbs[1].weights_id
     one, many = bn_state(bbs[0]), bn_state(bbs[1])  # the same statistics up to rounding
     for k in (k for k in one if k.endswith("running_var")):
         mean, std = k.replace("_var", "_mean"), one[k].sqrt()
@@ -343,34 +353,62 @@ def test_a_calibrated_backbone_is_named_by_everything_its_statistics_came_from(
     monkeypatch.setattr(calibration, "CALIBRATION_VERSION", calibration.CALIBRATION_VERSION + 1)
     others["version"] = calibration_id(bb, paths, 0, 32, None)
     assert base not in others.values() and len(set(others.values())) == len(others), others
-    # the random weights are in the name's base: another initialiser, another name
-    changed = build_backbone("mobilenet_v2", "none", seed=0)
-    assert changed.weights_id == bb.weights_id
-    with torch.no_grad():
-        next(changed.module.parameters()).view(-1)[0] += 1e-3
-    assert random_weights_digest(changed.module) != random_weights_digest(bb.module)
     assert build_backbone("mobilenet_v2", "none", seed=1).weights_id != bb.weights_id
+
+
+def test_random_weights_are_told_apart_by_draw_not_by_the_cpus_last_bits(tmp_path):
+    """AVX2 and generic `normal_` draw the same seed's weights with other last bits: one
+    weights name and one fingerprint for both, another for another draw."""
+    here = build_backbone("mobilenet_v2", "none", seed=0)
+    code = (
+        "import sys, torch; from breakhis_tl.backbones import *; "
+        "bb = build_backbone('mobilenet_v2', 'none', seed=0); "
+        "torch.save((bb.weights_id, random_weights_fingerprint(bb.module)), sys.argv[1])"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "fp.pt")], env=env, check=True)
+    weights_id, generic = torch.load(tmp_path / "fp.pt")
+    mine = random_weights_fingerprint(here.module)
+    assert weights_id == here.weights_id and same_random_weights(generic, mine)
+    if "avx2" in cpu_info()[1]:  # the case this guards: the bits do differ
+        assert not torch.equal(generic, mine)
+    other = build_backbone("mobilenet_v2", "none", seed=1)
+    assert not same_random_weights(random_weights_fingerprint(other.module), mine)
+    scaled = copy.deepcopy(here.module)
+    with torch.no_grad():  # one kernel drawn 1% wider: another initialiser
+        next(scaled.parameters()).mul_(1.01)
+    assert not same_random_weights(random_weights_fingerprint(scaled), mine)
 
 
 def test_a_random_init_head_predicts_and_refuses_other_random_weights(
     breakhis_sample, tmp_path, monkeypatch
 ):
-    """The head carries the batch-norm statistics; the weights are rebuilt from the seed and
-    must be the ones it was trained on, which the name's `-w` part checks."""
-    from breakhis_tl import backbones
+    """The head carries the batch-norm statistics and a fingerprint of the random weights;
+    predict rebuilds the weights from the seed and refuses them if they are other ones."""
+    from breakhis_tl.calibration import FINGERPRINT_KEY
+    from breakhis_tl.heads import load_head, save_head
     from breakhis_tl.predict import Classifier
 
     cfg = _cfg(breakhis_sample, tmp_path, archs=["mobilenet_v2"], weights="none", run="r")
-    res = run_training(cfg)
-    head = res.heads["mobilenet_v2"]
+    head = run_training(cfg).heads["mobilenet_v2"]
     clf = Classifier.from_head(head)
-    trained = read_head_file(head)[0]["weights_id"]
-    assert clf.backbone.weights_id == trained and "-w" in trained and "-bn" in trained
+    assert clf.backbone.weights_id == read_head_file(head)[0]["weights_id"]
     images = sorted(breakhis_sample.rglob("*.png"))[:3]
     assert (clf.predict(images, progress=False)["error"] == "").all()
-    monkeypatch.setattr(backbones, "random_weights_digest", lambda module: "0" * 12)
-    with pytest.raises(UserError, match="features would not be the ones the head learned"):
+    module, meta = load_head(head)  # a head saved before fingerprints: loads as it did
+    extra = {k: v for k, v in meta.pop("_extra").items() if k != FINGERPRINT_KEY}
+    old = save_head(tmp_path / "old.pt", module, meta, extra)
+    assert Classifier.from_head(old).backbone.weights_id == clf.backbone.weights_id
+    drawn = torch.nn.init.kaiming_normal_  # another torch whose initialiser draws wider
+
+    def wider(tensor, *args, **kw):
+        with torch.no_grad():
+            return drawn(tensor, *args, **kw).mul_(1.01)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", wider)
+    with pytest.raises(UserError, match="draws other weights from that seed"):
         Classifier.from_head(head)
+    Classifier.from_head(old)  # without a fingerprint nothing can tell
 
 
 def test_uncalibrated_random_init_is_degenerate_and_stopped(breakhis_sample):
