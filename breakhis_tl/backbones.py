@@ -219,29 +219,68 @@ def weights_id(weights: str, seed: int) -> str:
 BN_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def initialiser_versions(name: str) -> str:
+    """The library whose initialisers turn a seed into `name`'s random weights: with the
+    torch version, what a random-init feature space and head depend on besides the seed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from breakhis_tl import foundation
+
+    lib = "torchvision"
+    if name.startswith("timm:") or foundation.is_foundation(name):
+        lib = "timm"
+    elif name == "efficientnet_lite0":
+        lib = "efficientnet-lite-pytorch"
+    try:
+        return f"torch {torch.__version__}, {lib} {version(lib)}"
+    except PackageNotFoundError:
+        return f"torch {torch.__version__}, {lib} unknown"
+
+
 def random_weights_fingerprint(module: nn.Module) -> torch.Tensor:
-    """Per tensor (batch-norm statistics aside) its float64 sum and sum of squares: tells
+    """Per tensor (batch-norm statistics aside): size, and in float64 the sum, the sum of
+    squares and a fixed-sign projection (which moves when values are rearranged). It tells
     other random weights (a changed initialiser) from the same ones drawn by another CPU's
     kernels (AVX2 and generic `normal_` differ in the last bits), so it is compared with a
     tolerance (`same_random_weights`), never hashed into a name."""
     rows = [
-        [float(x.sum()), float(x.square().sum())]
+        _tensor_fingerprint(v.detach().cpu().reshape(-1))
         for k, v in sorted(module.state_dict().items())
         if not k.endswith(BN_RUNNING)
-        for x in [v.detach().cpu().double()]
     ]
-    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 2)
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
+
+
+def _tensor_fingerprint(flat: torch.Tensor, chunk: int = 1 << 22) -> list[float]:
+    total = [0.0, 0.0, 0.0]
+    for start in range(0, flat.numel(), chunk):  # float64 copies of one chunk at a time
+        x = flat[start : start + chunk].double()
+        total[0] += float(x.sum())
+        total[1] += float(x.square().sum())
+        total[2] += float((x * _signs(start, x.numel())).sum())
+    return [float(flat.numel()), *total]
+
+
+def _signs(start: int, n: int) -> torch.Tensor:
+    """+-1 from a 32-bit integer hash of the index: the same on every CPU (integer ops)."""
+    x = torch.arange(start, start + n, dtype=torch.int64) & 0xFFFFFFFF
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (x >> 16) ^ x
+    return (x & 1).double() * 2 - 1
 
 
 def same_random_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Last-bit differences move a sum of squares by ~1e-7 relative; another draw moves it by
-    ~sqrt(2/n) (0.1% for n = 1e6) and a sum by about its own scale, sqrt(sum of squares)."""
-    if a.shape != b.shape:
+    """Last-bit differences lean one way, so they move a sum by up to ~1e-7 sum(|x|) <=
+    1e-7 sqrt(n sumsq); another draw or order moves the sum or the projection by about
+    sqrt(sumsq), and the sum of squares by ~sqrt(2/n) relative."""
+    if a.shape != b.shape or not torch.equal(a[:, 0], b[:, 0]):
         return False
-    sq, scale = b[:, 1], b[:, 1].sqrt()
-    close_sq = (a[:, 1] - sq).abs() <= 1e-5 * sq + 1e-12
-    close_sum = (a[:, 0] - b[:, 0]).abs() <= 1e-4 * scale + 1e-12
-    return bool((close_sq & close_sum).all())
+    n, sq = b[:, 0], b[:, 2]
+    tol = 1e-6 * (n * sq).sqrt() + 1e-12
+    close_sq = (a[:, 2] - sq).abs() <= 1e-5 * sq + 1e-12
+    close = ((a[:, [1, 3]] - b[:, [1, 3]]).abs() <= tol[:, None]).all(1)
+    return bool((close_sq & close).all())
 
 
 @dataclass

@@ -25,6 +25,7 @@ import statistics
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -548,7 +549,9 @@ def _write_cache(cache_dir, key: str, best: Trial, trials: list[Trial]) -> None:
                                    "measured": [t.to_dict() for t in trials]})  # fmt: skip
 
 
-def _update_cache(cache_dir: str | Path, key: str, entry: dict, prune=None) -> None:
+def _update_cache(
+    cache_dir: str | Path, key: str, entry: dict, prune: Callable[[str, dict], bool] | None = None
+) -> None:
     """Read-modify-replace, so a concurrent reader never sees half a file; `prune(key,
     entry)` says which old entries to drop on the way."""
     folder = Path(cache_dir)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from breakhis_tl import __version__
-from breakhis_tl.backbones import Backbone
+from breakhis_tl.backbones import Backbone, initialiser_versions
 from breakhis_tl.dataset import StainedImages, collate_noted, make_loader
 from breakhis_tl.errors import UserError
 from breakhis_tl.fastpath import (  # noqa: F401 (re-exported: the extraction API)
@@ -63,12 +63,16 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def feature_space(bb: Backbone, view: int, fp: FastPath, stain: str = "none") -> str:
     """Everything a feature depends on but the image: features differ by compute dtype
-    (bf16 against fp32: cosine 0.997), so the mode is part of the key."""
-    return space_key({
+    (bf16 against fp32: cosine 0.997), so the mode is part of the key; random weights are
+    what the seed and the initialising library's version make."""
+    key = {
         "arch": bb.name, "weights": bb.weights_id, "prep": bb.prep.to_dict(), "view": view,
         "compute": fp.describe(), "stain": stain, "code": FEATURES_VERSION,
         "torch": ".".join(torch.__version__.split(".")[:2]),
-    })  # fmt: skip
+    }  # fmt: skip
+    if bb.weights == "none":
+        key["initialisers"] = initialiser_versions(bb.name)
+    return space_key(key)
 
 
 @dataclass

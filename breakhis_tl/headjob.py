@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from breakhis_tl import __version__
-from breakhis_tl.backbones import Backbone
+from breakhis_tl.backbones import Backbone, initialiser_versions
 from breakhis_tl.heads import make_head, save_head
 from breakhis_tl.metrics import METRICS, compute_metrics
 from breakhis_tl.plots import plot_confusion, plot_curves
@@ -239,6 +239,7 @@ def head_record(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
     cfg, t, bb = ctx.cfg, ctx.cfg.train, job.backbone
     return {
         "arch": bb.name, "weights": bb.weights, "weights_id": bb.weights_id,
+        "initialisers": initialiser_versions(bb.name) if bb.weights == "none" else None,
         "feature_dim": bb.feature_dim, "classes": ctx.classes, "prep": bb.prep.to_dict(),
         "compute": job_mode(ctx, job).describe(), "compute_mode": job_mode(ctx, job).to_dict(),
         "task": ctx.task, "dataset": cfg.dataset,

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from breakhis_tl.backbones import build_backbone
+from breakhis_tl.backbones import Backbone, build_backbone
 from breakhis_tl.dataset import collate_noted, default_workers
 from breakhis_tl.errors import UserError
 from breakhis_tl.features import fast_path, pick_device, prepare, run_backbone
@@ -140,10 +140,14 @@ def domain_warning(names: list[str], sizes: list, dataset: str, classes: list[st
     )
 
 
-def _restore_random_init(path, bb, meta: dict) -> None:
+def _restore_random_init(path: str | Path, bb: Backbone, meta: dict) -> None:
     """The weights the head's seed draws here must be the ones it was trained on (checked
     where the head has their fingerprint), and its batch-norm statistics go back in."""
-    from breakhis_tl.backbones import random_weights_fingerprint, same_random_weights
+    from breakhis_tl.backbones import (
+        initialiser_versions,
+        random_weights_fingerprint,
+        same_random_weights,
+    )
     from breakhis_tl.calibration import FINGERPRINT_KEY, load_bn_state
 
     extra = {k: v for k, v in meta.get("_extra", {}).items() if not k.startswith("stain.")}
@@ -151,11 +155,12 @@ def _restore_random_init(path, bb, meta: dict) -> None:
     if fingerprint is not None and not same_random_weights(
         random_weights_fingerprint(bb.module), fingerprint
     ):
+        then = meta.get("initialisers") or f"torch {meta.get('versions', {}).get('torch')}"
         raise UserError(
             f"Head {path} was trained on random {bb.name} weights from seed "
-            f"{meta.get('seed', 0)}, but torch {torch.__version__} draws other weights from "
-            f"that seed (the head's torch: {meta.get('versions', {}).get('torch', 'unknown')}); "
-            "predict with that torch, or train the head again with this one."
+            f"{meta.get('seed', 0)}, but {initialiser_versions(bb.name)} draw other weights "
+            f"from that seed (the head's: {then}); predict with those versions, or train "
+            "the head again with these."
         )
     if extra:  # batch-norm statistics
         try:

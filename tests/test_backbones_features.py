@@ -122,6 +122,19 @@ def test_feature_space_changes_with_every_input(lite0):
     assert len(keys) == 7
 
 
+def test_random_weights_feature_space_follows_the_initialising_library(lite0, monkeypatch):
+    """The seed names random weights only together with the library that draws them."""
+    from breakhis_tl import features
+
+    fp = type(fast_path(torch.device("cpu")))(None, True)
+    rand = dataclasses.replace(lite0, weights="none", weights_id="none-seed0")
+    assert "efficientnet-lite-pytorch" in features.initialiser_versions(rand.name)
+    before, pretrained = feature_space(rand, 0, fp), feature_space(lite0, 0, fp)
+    monkeypatch.setattr(features, "initialiser_versions", lambda name: "torch 9, x 1")
+    assert feature_space(rand, 0, fp) != before
+    assert feature_space(lite0, 0, fp) == pretrained  # pretrained weights: no such part
+
+
 def test_content_id_sees_a_change_with_same_size_and_mtime(sample_paths, tmp_path):
     store = ImageStore(tmp_path / "images.sqlite")
     copy = tmp_path / "a.png"

@@ -374,10 +374,19 @@ def test_random_weights_are_told_apart_by_draw_not_by_the_cpus_last_bits(tmp_pat
         assert not torch.equal(generic, mine)
     other = build_backbone("mobilenet_v2", "none", seed=1)
     assert not same_random_weights(random_weights_fingerprint(other.module), mine)
-    scaled = copy.deepcopy(here.module)
-    with torch.no_grad():  # one kernel drawn 1% wider: another initialiser
-        next(scaled.parameters()).mul_(1.01)
-    assert not same_random_weights(random_weights_fingerprint(scaled), mine)
+    changed = {
+        "1% wider": lambda w: w.mul_(1.01),
+        "reversed": lambda w: w.copy_(w.flatten().flip(0).view_as(w)),
+        "transposed": lambda w: w.copy_(w.flatten(1).t().reshape(w.shape)),
+        "every value one ulp up": lambda w: w.copy_(torch.nextafter(w, w.new_tensor(9.0))),
+    }
+    told = {}
+    for name, change in changed.items():
+        other = copy.deepcopy(here.module)
+        with torch.no_grad():
+            change(dict(other.named_parameters())["features.18.0.weight"])  # 409,600 values
+        told[name] = not same_random_weights(random_weights_fingerprint(other), mine)
+    assert told == {**dict.fromkeys(changed, True), "every value one ulp up": False}
 
 
 def test_a_random_init_head_predicts_and_refuses_other_random_weights(
@@ -392,7 +401,10 @@ def test_a_random_init_head_predicts_and_refuses_other_random_weights(
     cfg = _cfg(breakhis_sample, tmp_path, archs=["mobilenet_v2"], weights="none", run="r")
     head = run_training(cfg).heads["mobilenet_v2"]
     clf = Classifier.from_head(head)
-    assert clf.backbone.weights_id == read_head_file(head)[0]["weights_id"]
+    meta, _ = read_head_file(head)
+    assert clf.backbone.weights_id == meta["weights_id"]
+    saved = load_head(head)[1]["_extra"]
+    assert all(torch.equal(v, saved[k]) for k, v in bn_state(clf.backbone).items())
     images = sorted(breakhis_sample.rglob("*.png"))[:3]
     assert (clf.predict(images, progress=False)["error"] == "").all()
     module, meta = load_head(head)  # a head saved before fingerprints: loads as it did
@@ -406,7 +418,7 @@ def test_a_random_init_head_predicts_and_refuses_other_random_weights(
             return drawn(tensor, *args, **kw).mul_(1.01)
 
     monkeypatch.setattr(torch.nn.init, "kaiming_normal_", wider)
-    with pytest.raises(UserError, match="draws other weights from that seed"):
+    with pytest.raises(UserError, match="draw other weights from that seed"):
         Classifier.from_head(head)
     Classifier.from_head(old)  # without a fingerprint nothing can tell
 

@@ -116,7 +116,7 @@ def test_random_init_resnet50_trains(breakhis_sample, tmp_path, capsys):
     meta = load_head(tmp_path / "trained_models/r/resnet50.pt")[1]
     # random weights from the seed, batch-norm statistics from the training images
     assert re.fullmatch(r"none-seed0-bn[0-9a-f]{12}", meta["weights_id"])
-    assert meta["_extra"]["random_weights.fingerprint"].shape[1] == 2
+    assert meta["_extra"]["random_weights.fingerprint"].shape[1] == 4
     assert len(pd.read_csv(tmp_path / "trained_models/r/results.csv")) == 2
 
 
