@@ -403,7 +403,9 @@ def choose(bb: Backbone, device: torch.device, precision: str = "auto",
     best = _pick(trials, precision, images, bb.name)
     _forget(bb, device, keep={best.path, PLAIN})
     _write_cache(cache_dir, key, best, trials)
-    seen = "; ".join(f"{t.path.describe()} {1 / t.per_image():.1f}/s" for t in trials)
+    seen = "; ".join(f"{t.path.describe()} {1 / t.per_image():.1f}/s"
+                     + ("" if t.cosine >= MIN_COSINE else f" (cosine {t.cosine:.4f}, refused)")
+                     for t in trials)  # fmt: skip
     log.info("Compute mode for %s on %s: %s (%.1f images/s, cosine %.4f; measured: %s).",
              bb.name, device, best.path.describe(), 1 / best.per_image(), best.cosine,
              seen)  # fmt: skip

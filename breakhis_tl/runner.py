@@ -362,16 +362,27 @@ def _wait_for_decision(bb, precision: str, folder: Path, timeout: float = 1800):
 
     from breakhis_tl.fastpath import run_id_variable, run_token, shared_decision
 
-    start = time.monotonic()
-    while (mode := shared_decision(folder, bb, precision)) is None:
+    start, launch = time.monotonic(), run_token() or "(unnamed)"
+    if (mode := shared_decision(folder, bb, precision)) is None:
+        log.info(
+            "Waiting for shard 0 of launch %s to write its compute mode for %s to %s "
+            "(at most %.0f min).",
+            launch,
+            bb.name,
+            folder / "dispatch.json",
+            timeout / 60,
+        )
+    while mode is None:
         if time.monotonic() - start > timeout:
-            launch = run_token() or "(unnamed)"
             raise UserError(
                 f"Shard 0 of launch {launch} ({run_id_variable()}) has not written its "
                 f"compute-mode decision for {bb.name} to {folder / 'dispatch.json'} in "
                 f"{timeout:.0f} s; is shard 0 running, with the same launch id?"
             )
         time.sleep(2)
+        mode = shared_decision(folder, bb, precision)
+    log.info("Compute mode for %s: %s, shard 0's decision for launch %s.", bb.name,
+             mode.describe(), launch)  # fmt: skip
     return mode
 
 
@@ -422,7 +433,8 @@ def extract_features(cfg, data: Data, backbones, device, cache, store, modes, st
         log.info("Extracted %d image feature(s); %d feature set(s) came wholly from the cache.",
                  report.images_extracted, len(report.cached))  # fmt: skip
     else:
-        log.info("Feature cache used: nothing extracted (%d entries).", len(report.cached))
+        log.info("Feature cache used: nothing extracted (%d feature set(s) read).",
+                 len(report.cached))  # fmt: skip
     return feats, view_pos, report
 
 

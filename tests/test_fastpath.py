@@ -484,8 +484,17 @@ def test_a_shard_that_cannot_run_shard_0s_mode_stops_with_a_sentence(tmp_path, m
     assert "no bf16 kernel); run every shard on a device" in str(err.value)
     assert "--precision fp32" in str(err.value) and "launch has no id" in caplog.text
     monkeypatch.setattr(F, "check_runs_here", lambda *a: None)
-    modes = runner.compute_modes(cfg, {"a": bb}, CPU, tmp_path, shard=(1, 2))
+    with caplog.at_level(logging.INFO):
+        modes = runner.compute_modes(cfg, {"a": bb}, CPU, tmp_path, shard=(1, 2))
     assert modes == {(bb.name, bb.weights_id): bf16}
+    assert "shard 0's decision for launch (unnamed)" in caplog.text
+    monkeypatch.setenv("BREAKHIS_TL_RUN_ID", "launch-9")  # shard 0 never came: it says so
+    with (
+        caplog.at_level(logging.INFO),
+        pytest.raises(UserError, match="Shard 0 of launch launch-9"),
+    ):
+        runner._wait_for_decision(bb, "auto", tmp_path, timeout=0)
+    assert "Waiting for shard 0 of launch launch-9" in caplog.text
 
 
 def test_without_bf16_kernels_only_fp32_is_timed_unless_asked(monkeypatch):
