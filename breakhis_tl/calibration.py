@@ -90,8 +90,8 @@ def calibration_id(
 
     recipe = f"v{CALIBRATION_VERSION}|{seed}|{batch_size}|{sorted(bb.prep.to_dict().items())}"
     h = hashlib.sha256(recipe.encode())
-    h.update(b"|" + (stain.normaliser.identity() if stain is not None else "none").encode())
-    h.update(b"|")
+    stain_id = stain.normaliser.identity() if stain is not None else "none"
+    h.update(f"|{stain_id}|".encode())
     for path in sample:
         try:
             h.update(content_id(path).encode())

@@ -120,7 +120,7 @@ def _probed_x86_flags() -> set[str]:
         caps = torch._C._cpu._get_cpu_capability()
     except (AttributeError, RuntimeError):
         return set()
-    return {k for k in ("avx512_bf16", "amx_bf16", "avx_ne_convert") if caps.get(k)}
+    return {k for k in BF16_FLAGS if caps.get(k)}
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -391,11 +391,11 @@ def choose(bb: Backbone, device: torch.device, precision: str = "auto",
     cached = _read_cache(cache_dir).get(key)
     if cached:
         path = FastPath.from_dict(cached["path"])
-        threads = cached.get("threads", torch.get_num_threads())
+        now = torch.get_num_threads()
+        then = cached.get("threads", now)
         log.info("Compute mode for %s on %s: %s (cached in %s%s).", bb.name, device,
                  path.describe(), Path(cache_dir) / DISPATCH_FILE,
-                 "" if threads == torch.get_num_threads() else
-                 f", measured with {threads} threads, now {torch.get_num_threads()}")  # fmt: skip
+                 "" if then == now else f", measured with {then} threads, now {now}")  # fmt: skip
         return path
     paths = _family(candidates(device, compile), device, precision)
     x = batch if batch is not None else synthetic_batch(bb)
@@ -498,9 +498,6 @@ def shared_decision(cache_dir: str | Path, bb: Backbone, precision: str) -> Fast
 
 def _shared_key(bb: Backbone, precision: str) -> str:
     return f"shard 0 of run {run_token() or '(unnamed)'} | {_model_key(bb, precision)}"
-
-
-RUN_ID_VARIABLES = ("BREAKHIS_TL_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_ARRAY_JOB_ID")
 
 
 def run_id_variable() -> str:

@@ -414,7 +414,8 @@ def test_torch_probe_agrees_with_proc_cpuinfo():
 
 
 def _clear_launch(monkeypatch):
-    for name in (*F.RUN_ID_VARIABLES, "RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID"):
+    launch = ("BREAKHIS_TL_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_ARRAY_JOB_ID")
+    for name in (*launch, "RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(name, raising=False)
 
 
