@@ -231,10 +231,11 @@ def initialiser_versions(name: str) -> str:
         lib = "timm"
     elif name == "efficientnet_lite0":
         lib = "efficientnet-lite-pytorch"
+    release = torch.__version__.split("+")[0]  # not the build (+cu130, +cpu): same draws
     try:
-        return f"torch {torch.__version__}, {lib} {version(lib)}"
+        return f"torch {release}, {lib} {version(lib)}"
     except PackageNotFoundError:
-        return f"torch {torch.__version__}, {lib} unknown"
+        return f"torch {release}, {lib} unknown"
 
 
 def random_weights_fingerprint(module: nn.Module) -> torch.Tensor:

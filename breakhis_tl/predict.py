@@ -152,6 +152,13 @@ def _restore_random_init(path: str | Path, bb: Backbone, meta: dict) -> None:
 
     extra = {k: v for k, v in meta.get("_extra", {}).items() if not k.startswith("stain.")}
     fingerprint = extra.pop(FINGERPRINT_KEY, None)
+    if fingerprint is None:
+        log.warning(
+            "Head %s predates random-weights fingerprints: the %s weights its seed draws "
+            "here cannot be checked against the trained ones.",
+            path,
+            bb.name,
+        )
     if fingerprint is not None and not same_random_weights(
         random_weights_fingerprint(bb.module), fingerprint
     ):
