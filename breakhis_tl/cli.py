@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--head",
         default="logreg",
-        help="logreg (default: L-BFGS logistic regression, C chosen on val), linear (AdamW "
-        "epochs with early stopping) or mlp",
+        help="logreg (default: L-BFGS logistic regression, C chosen by patient-grouped CV over "
+        "train+val, then refit on both; --epochs does not apply), linear (AdamW epochs with "
+        "early stopping) or mlp",
     )
     p.add_argument(
         "--recipe",
@@ -226,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cache",
         action="store_true",
-        help="end to end: backbone pass every epoch (slow baseline)",
+        help="end to end: backbone pass every epoch (slow baseline); for logreg, which has no "
+        "epochs, the one pass is kept in memory instead of the cache",
     )
     p.add_argument(
         "--strict",

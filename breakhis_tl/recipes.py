@@ -49,7 +49,27 @@ def apply_recipe(cfg):
             cfg = dataclasses.replace(cfg, repeats=EVA_RUNS)
     if cfg.repeats is None:
         cfg = dataclasses.replace(cfg, repeats=1)
+    if cfg.train.head == "logreg":
+        _warn_unused_by_logreg(cfg.train)
     return cfg
+
+
+EPOCH_OPTIONS = ("epochs", "max_steps", "lr", "weight_decay", "patience", "hidden", "dropout")
+
+
+def _warn_unused_by_logreg(train) -> None:
+    """logreg trains to convergence with C chosen by CV: epoch options set by hand would
+    otherwise be recorded in the run as if they had shaped the head."""
+    from breakhis_tl.training import TrainConfig
+
+    default = TrainConfig()
+    changed = [k for k in EPOCH_OPTIONS if getattr(train, k) != getattr(default, k)]
+    if changed:
+        log.warning(
+            "The logreg head trains to convergence (C by grouped CV) and ignores %s; "
+            "--head linear trains by epochs.",
+            ", ".join(f"{k}={getattr(train, k)}" for k in changed),
+        )
 
 
 def _warn_overridden(train) -> None:

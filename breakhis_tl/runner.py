@@ -87,7 +87,7 @@ class RunConfig:
     stain_ref: str | None = None  # reference image of the normalisation (None: library's)
     stain_views: int = 0  # HED-jittered copies of each training image, cached like views
     input_size: int | None = None  # px fed to CNN backbones; None: each backbone's own (224)
-    no_cache: bool = False  # end to end: backbone pass every epoch (slow baseline)
+    no_cache: bool = False  # end to end: backbone pass every epoch (logreg: one, not kept)
     strict: bool = False  # stop at the first unreadable image instead of skipping it
     device: str = "auto"
     precision: str = "auto"  # compute mode: auto (measured per backbone), fp32 or bf16
@@ -181,7 +181,7 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    if cfg.views > 1 and cfg.no_cache:
+    if cfg.views > 1 and headjob.runs_end_to_end(cfg):
         raise UserError("--views caches views; with --no-cache, augmentation is online already.")
     for part in cfg.weights.split(","):
         name, sep, _ = part.strip().partition("=")
@@ -564,11 +564,11 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     check_pictures(cfg, data, task, store)
     modes = compute_modes(cfg, backbones, device, cache_root)
     feats, view_pos, report = {}, {}, None
-    if cfg.no_cache:
+    if headjob.runs_end_to_end(cfg):
         for bb in {id(b): b for b in backbones.values()}.values():
             prepare(bb, device, modes.get((bb.name, bb.weights_id), fast_path(device)))
-    else:
-        cache = FeatureCache(cache_root / "features")
+    else:  # --no-cache with logreg: the same pass, in memory only
+        cache = None if cfg.no_cache else FeatureCache(cache_root / "features")
         feats, view_pos, report = extract_features(
             cfg, data, backbones, device, cache, store, modes, stain
         )

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    head: str = "logreg"  # logreg (L-BFGS, C chosen on val), linear (AdamW epochs) or mlp
+    head: str = "logreg"  # logreg (L-BFGS, C by grouped CV), linear (AdamW epochs) or mlp
     hidden: int = 512  # mlp hidden units
     dropout: float = 0.5  # mlp: before the last layer
     epochs: int = 30  # upper bound; early stopping may end sooner
@@ -289,7 +289,8 @@ def fit_logreg(
 ) -> tuple[nn.Module, FitResult]:
     """The linear probe of CLIP and DINOv2 evaluations: L-BFGS logistic regression on
     standardised features, trained to convergence whatever the data size, its strength C
-    chosen on the validation patients only (`select last`: C = 1, nothing selected).
+    chosen on the validation patients only (`select last`: C = 1, nothing selected). The
+    fallback of `fit_logreg_cv`, for splits with too few patients to cross-validate.
     Each candidate C is one row of the history (its `epoch` is the candidate's number)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler

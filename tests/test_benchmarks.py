@@ -36,9 +36,12 @@ CASES = {
         {"decodes", "target_decodes"},
     ),
     "cached_vs_end_to_end.py": (
-        ["--images", "16", "--epochs", "2", "--workers", "0"],
+        ["--images", "16", "--epochs", "2", "--workers", "0", "--repeats", "2"],
         {
             "cached_seconds",
+            "cached_spread",
+            "end_to_end_epoch_seconds",
+            "cached_fixed_seconds",
             "end_to_end_seconds",
             "speedup",
             "cached_val_balanced_accuracy",
@@ -78,6 +81,11 @@ def test_benchmark_runs_and_prints_json(script, tmp_path):
     assert {"cpu", "cores", "torch", "device"} <= set(first)
     if script == "decode_once.py":
         assert first["decodes"] == first["target_decodes"] == 4
+    if script == "cached_vs_end_to_end.py":  # an epoch head, so epochs mean the same on both
+        assert first["head"] == "linear" and first["repeats"] == 2
+        assert first["cached_spread"]["min"] <= first["cached_seconds"]
+        assert first["cached_seconds"] <= first["cached_spread"]["max"]
+        assert first["end_to_end_epoch_seconds"] > first["cached_epoch_seconds"]
 
 
 def run_json(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:

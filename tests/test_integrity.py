@@ -526,3 +526,20 @@ def test_eva_recipe_says_which_given_head_options_it_ignores(caplog):
     with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
         apply_recipe(RunConfig(archs=["efficientnet_lite0"], recipe="eva"))
     assert "ignoring" not in caplog.text
+
+
+def test_logreg_says_which_epoch_options_it_ignores(caplog):
+    """logreg has no epochs: a given --epochs or --lr is named as unused, and the same
+    options on an epoch head (or left at their defaults) raise no warning."""
+    from breakhis_tl.recipes import apply_recipe
+
+    with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
+        apply_recipe(RunConfig(archs=["efficientnet_lite0"],
+                               train=TrainConfig(epochs=3, lr=0.01)))  # fmt: skip
+    assert "ignores epochs=3, lr=0.01; --head linear trains by epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
+        apply_recipe(RunConfig(archs=["efficientnet_lite0"]))
+        apply_recipe(RunConfig(archs=["efficientnet_lite0"],
+                               train=TrainConfig(head="linear", epochs=3)))  # fmt: skip
+    assert "ignores" not in caplog.text

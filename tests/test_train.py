@@ -159,20 +159,38 @@ def _cached_features(out) -> torch.Tensor:
     return t["features"][t["ok"].bool()].float()
 
 
+def _sample_run(data, out, run, **kw) -> RunConfig:
+    return RunConfig(data=str(data), archs=["efficientnet_lite0"], run=run, out=str(out),
+                     workers=0, progress=False, **kw)  # fmt: skip
+
+
 def test_end_to_end_mode(breakhis_sample, tmp_path):
-    cfg = RunConfig(
-        data=str(breakhis_sample),
-        archs=["efficientnet_lite0"],
-        no_cache=True,
-        run="e2e",
-        out=str(tmp_path),
-        workers=0,
-        progress=False,
-        train=TrainConfig(epochs=2),
-    )
+    cfg = _sample_run(breakhis_sample, tmp_path, "e2e", no_cache=True,
+                      train=TrainConfig(head="linear", epochs=2, patience=2))  # fmt: skip
     res = run_training(cfg)
     assert res.results["cached"].eq(False).all() and len(res.results) == 2
+    assert len(res.history) == 2  # two epochs, each its own backbone pass
     assert not (tmp_path / "data" / "cache" / "features").exists()
+
+
+def test_uncached_logreg_is_the_cached_one(breakhis_sample, tmp_path):
+    """logreg has no epochs: --no-cache makes the same single pass and the same grouped-CV
+    choice of C, so the two differ by the disk cache alone (not by selection)."""
+
+    runs = {}
+    for name, no_cache in (("cached", False), ("uncached", True)):
+        out = tmp_path / name
+        runs[name] = run_training(_sample_run(breakhis_sample, out, name, no_cache=no_cache))
+        assert (out / "data/cache/features").exists() != no_cache
+    cached, uncached = runs["cached"], runs["uncached"]
+    cols = ["split", "balanced_accuracy", "auc", "best_epoch", "n_images"]
+    pd.testing.assert_frame_equal(cached.results[cols], uncached.results[cols])
+    assert list(uncached.results["cached"]) == [False, False]
+    assert cached.history["C"].tolist() == uncached.history["C"].tolist()
+    assert "cv_balanced_accuracy" in uncached.history  # chosen by CV, not on val alone
+    (a,), (b,) = cached.heads.values(), uncached.heads.values()
+    wa, wb = load_head(a)[0].state_dict(), load_head(b)[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def _train(args, tmp_path, data):
