@@ -25,8 +25,8 @@ import statistics
 import time
 import warnings
 import weakref
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -555,10 +555,29 @@ def _update_cache(
     entry)` says which old entries to drop on the way."""
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    data = _read_cache(folder)
-    if prune is not None:
-        data = {k: v for k, v in data.items() if not prune(k, v)}
-    data[key] = {**entry, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    tmp = folder / f".{DISPATCH_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, folder / DISPATCH_FILE)
+    with _locked(folder / f".{DISPATCH_FILE}.lock"):
+        data = _read_cache(folder)
+        if prune is not None:
+            data = {k: v for k, v in data.items() if not prune(k, v)}
+        data[key] = {**entry, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        tmp = folder / f".{DISPATCH_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, folder / DISPATCH_FILE)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Two launches' shard 0s may update the file at once: unlocked, one decision could be
+    lost and that launch's shards would wait for it in vain. flock where the system offers
+    it (not Windows; some network file systems refuse it): elsewhere, unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:
+                pass
+        yield  # closing the file releases the lock

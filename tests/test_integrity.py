@@ -543,3 +543,33 @@ def test_logreg_says_which_epoch_options_it_ignores(caplog):
         apply_recipe(RunConfig(archs=["efficientnet_lite0"],
                                train=TrainConfig(head="linear", epochs=3)))  # fmt: skip
     assert "ignores" not in caplog.text
+
+
+def test_calibration_sees_only_each_folds_training_images(breakhis_sample, tmp_path,
+                                                          monkeypatch):  # fmt: skip
+    """A random-init baseline's batch-norm statistics come from its fold's training images
+    alone: with 3 patient-grouped folds, each calibration gets exactly that fold's train
+    side, and none of its validation or test patients."""
+    seen = []
+    real = calibration.calibrate
+
+    def spy(bb, paths, *args, **kwargs):
+        seen.append(list(paths))
+        return real(bb, paths, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate", spy)
+    res = run_training(RunConfig(data=str(breakhis_sample), archs=["mobilenet_v2"],
+                                 weights="none", cv=3, run="cal", out=str(tmp_path), workers=0,
+                                 progress=False))  # fmt: skip
+    split = pd.read_csv(res.folders["models"] / "split.csv")
+    patient = index_breakhis(breakhis_sample).set_index("relpath")["patient"]
+    split["patient"] = split["path"].map(patient)
+    folds = sorted(split["fold"].unique())
+    assert len(folds) == 3 and len(seen) == 3
+    for k, paths in zip(folds, seen, strict=True):
+        fold = split[split["fold"] == k]
+        train = fold[fold["split"] == "train"]
+        held_out = set(fold.loc[fold["split"] != "train", "patient"])
+        rel = {os.path.relpath(p, breakhis_sample) for p in paths}
+        assert rel == set(train["path"])
+        assert held_out and not held_out & set(train.loc[train["path"].isin(rel), "patient"])
