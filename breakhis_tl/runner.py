@@ -13,6 +13,7 @@ import math
 import platform
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -121,6 +122,24 @@ class RunResult:
     interrupted: bool
     cache_used: bool
     skipped: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage (`Stopwatch`)
+
+
+class Stopwatch:
+    """Seconds per stage of a run, in its log and config.json: what a run's time went to
+    (a random init's calibration and the duplicate check are paid with or without cache)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
 
 
 class StopFlag:
@@ -486,6 +505,7 @@ class _Context:
     fallbacks: dict  # image path -> why its stain normalisation failed
     writers: dict = field(default_factory=dict)
     hparam_domains: dict = field(default_factory=dict)  # TensorBoard reads one head's domains
+    seconds: dict = field(default_factory=dict)  # per stage, up to the run's own files
 
 
 def head_jobs(cfg: RunConfig, data: Data, backbones, stain: StainSetup) -> list[headjob.HeadJob]:
@@ -547,6 +567,7 @@ def resolve_protocol(cfg: RunConfig) -> RunConfig:
 
 
 def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
+    watch = Stopwatch()
     cfg = resolve_protocol(apply_recipe(cfg))
     validate(cfg)
     stain = make_stain(cfg)
@@ -560,9 +581,13 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     store = ImageStore(cache_root / "images.sqlite")
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes)
+    watch.lap("index and split")
     backbones = build_backbones(cfg, data, stain)  # a missing weights file stops the run here
+    watch.lap("backbones (and batch-norm calibration)")
     check_pictures(cfg, data, task, store)
+    watch.lap("duplicate check")
     modes = compute_modes(cfg, backbones, device, cache_root)
+    watch.lap("compute modes")
     feats, view_pos, report = {}, {}, None
     if headjob.runs_end_to_end(cfg):
         for bb in {id(b): b for b in backbones.values()}.values():
@@ -572,6 +597,7 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
         feats, view_pos, report = extract_features(
             cfg, data, backbones, device, cache, store, modes, stain
         )
+    watch.lap("features")
     paths = data.images["path"].tolist()
     fallbacks = {paths[r]: m for r, m in (report.stain_fallbacks if report else {}).items()}
     open_run_folders(folders, cfg.overwrite)
@@ -585,13 +611,17 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
         "fold": sorted({-1 if j.fold is None else int(j.fold) for j in jobs}),
     }
     done = _run_jobs(ctx, jobs)
+    watch.lap("heads" if not headjob.runs_end_to_end(cfg) else "heads (end to end)")
     results, history, predictions = _collect(done)
+    ctx.seconds = watch.seconds
     write_run_outputs(ctx, results, history, predictions, done)
+    watch.lap("run outputs")
+    log.info("Time per stage: %s.", watch.summary())
     skipped = sorted({p for d in done for p in d["skipped"]})
     return RunResult(run, results, history, predictions,
                      {d["name"]: d["head_path"] for d in done}, folders,
                      any(d["interrupted"] for d in done),
-                     bool(report and not report.extracted), skipped)  # fmt: skip
+                     bool(report and not report.extracted), skipped, watch.seconds)  # fmt: skip
 
 
 def _run_jobs(ctx: _Context, jobs: list[headjob.HeadJob]) -> list[dict]:
@@ -629,7 +659,7 @@ def write_run_outputs(ctx: _Context, results, history, predictions, done) -> Non
         "data": str(Path(_resolve_data_quiet(ctx.cfg)).resolve()),
         "compute": {f"{a} ({w})": m.describe() for (a, w), m in ctx.modes.items()},
         "stain": ctx.stain.record(), "stain_fallbacks": ctx.fallbacks,
-        "versions": ctx.versions,
+        "versions": ctx.versions, "seconds": ctx.seconds,
     }, models / "config.json")  # fmt: skip
     histories = {d["name"]: d["history"] for d in done}
     groups = {d["name"]: d["arch"] for d in done}

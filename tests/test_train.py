@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import re
 
 import numpy as np
@@ -170,6 +171,7 @@ def test_end_to_end_mode(breakhis_sample, tmp_path):
     res = run_training(cfg)
     assert res.results["cached"].eq(False).all() and len(res.results) == 2
     assert len(res.history) == 2  # two epochs, each its own backbone pass
+    assert res.seconds["heads (end to end)"] > 0 and "features" in res.seconds
     assert not (tmp_path / "data" / "cache" / "features").exists()
 
 
@@ -188,6 +190,8 @@ def test_uncached_logreg_is_the_cached_one(breakhis_sample, tmp_path):
     assert list(uncached.results["cached"]) == [False, False]
     assert cached.history["C"].tolist() == uncached.history["C"].tolist()
     assert "cv_balanced_accuracy" in uncached.history  # chosen by CV, not on val alone
+    written = json.loads((cached.folders["models"] / "config.json").read_text())["seconds"]
+    assert written["features"] == cached.seconds["features"] > 0
     (a,), (b,) = cached.heads.values(), uncached.heads.values()
     wa, wb = load_head(a)[0].state_dict(), load_head(b)[0].state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
