@@ -116,3 +116,10 @@ def default_workers() -> int:
     import os
 
     return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container or taskset can allow fewer than exist)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -169,9 +169,11 @@ def _decode_hashes(
 ) -> list[tuple[str | None, str]]:
     from torch.utils.data import DataLoader
 
-    from breakhis_tl.dataset import default_workers
+    from breakhis_tl.dataset import usable_cores
 
-    workers = default_workers() if workers is None else workers
+    # nothing else runs during this pass, so every core decodes (the loaders' default keeps
+    # one for the model; 2 cores, 256 PNGs: 1.40 s against 2.09 s)
+    workers = min(8, usable_cores()) if workers is None else workers
     if len(paths) < 64:
         workers = 0  # not worth starting processes for
     loader = DataLoader(

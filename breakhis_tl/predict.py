@@ -140,6 +140,46 @@ def domain_warning(names: list[str], sizes: list, dataset: str, classes: list[st
     )
 
 
+def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> list[str]:
+    """Per input, the side of the head's own split it was in ("train" or "val": fit or
+    selected on), else "". Read from the split.csv beside the head file, matched by the
+    path's last parts (split paths are relative to the dataset root); a head copied alone
+    has none, and then nothing is known."""
+    from breakhis_tl.folds import read_split
+
+    split_file = Path(head_path).parent / "split.csv" if head_path else None
+    if split_file is None or not split_file.is_file():
+        return [""] * len(names)
+    try:
+        split = read_split(split_file)
+    except UserError:
+        return [""] * len(names)
+    if meta.get("fold") is not None and split["fold"].notna().any():
+        split = split[pd.to_numeric(split["fold"], errors="coerce") == float(meta["fold"])]
+    seen = split[split["split"].isin(["train", "val"])]
+    side = dict(zip(seen["path"], seen["split"], strict=True))
+    depths = sorted({p.count("/") + 1 for p in side})
+    out = []
+    for name in names:
+        parts = Path(name).parts
+        out.append(next((side[k] for d in depths if (k := "/".join(parts[-d:])) in side), ""))
+    return out
+
+
+def seen_warning(sides: list[str]) -> str:
+    """One sentence when inputs are images the head was fit or selected on: scored, they
+    flatter it."""
+    counts = Counter(s for s in sides if s)
+    if not counts:
+        return ""
+    parts = " and ".join(f"{counts[s]} {s}" for s in ("train", "val") if counts[s])
+    return (
+        f"{sum(counts.values())} of {len(sides)} input(s) are images this head was trained "
+        f"or selected on ({parts}, by the split.csv beside it): their predictions say nothing "
+        "about its accuracy; score held-out images (evaluate --split test)."
+    )
+
+
 def _restore_random_init(path: str | Path, bb: Backbone, meta: dict) -> None:
     """The weights the head's seed draws here must be the ones it was trained on (checked
     where the head has their fingerprint), and its batch-norm statistics go back in."""
@@ -188,6 +228,7 @@ class Classifier:
         self.prep = Preprocessing.from_dict(meta["prep"])
         self.dataset = head_dataset(meta)
         self.path = head_mode(meta, device)
+        self.source: Path | None = None  # the head file, when loaded from one
         prepare(backbone, device, self.path)
         head.to(device).eval()
 
@@ -212,7 +253,9 @@ class Classifier:
                 f"but the backbone rebuilt now has weights {bb.weights_id}; its features would "
                 "not be the ones the head learned."
             )
-        return cls(bb, head, meta, pick_device(device))
+        clf = cls(bb, head, meta, pick_device(device))
+        clf.source = Path(path)
+        return clf
 
     @torch.inference_mode()
     def _probs(self, x: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -279,9 +322,10 @@ class Classifier:
             df["stain_note"] = notes
         for msg in filter(None, errors + notes):
             log.warning("%s", msg)
-        warning = domain_warning(names, sizes, self.dataset, self.classes)
-        if warning:
-            log.warning("%s", warning)
+        seen = seen_warning(seen_by_head(self.source, self.meta, names))
+        for warning in (domain_warning(names, sizes, self.dataset, self.classes), seen):
+            if warning:
+                log.warning("%s", warning)
         return self._with_labels(df) if labels == "auto" else df
 
     def _with_labels(self, df: pd.DataFrame) -> pd.DataFrame:

@@ -228,3 +228,30 @@ def test_unrelated_folder_keeps_the_question(tmp_path):
         index_breakhis(tmp_path)
     with pytest.raises(UserError, match="is this the IDC folder"):
         index_idc(tmp_path)
+
+
+def test_predict_says_which_inputs_the_head_was_fit_or_selected_on(
+    clf, head_file, breakhis_sample, tmp_path, caplog
+):
+    """Labels scored on a head's own training or validation images flatter it: predict
+    counts them by the run's split.csv; held-out images, and a head copied away from its
+    run (no split.csv beside it), raise no such warning."""
+    import shutil
+
+    split = pd.read_csv(head_file.parent / "split.csv")
+    full = {rel: str(breakhis_sample / rel) for rel in split["path"]}
+    seen = split[split["split"] != "test"]
+    with caplog.at_level("WARNING", logger="breakhis_tl.predict"):
+        clf.predict(list(full.values()), progress=False)
+    n_train, n_val = (int((seen["split"] == s).sum()) for s in ("train", "val"))
+    assert n_train and n_val
+    assert (f"{n_train + n_val} of {len(full)} input(s) are images this head was trained or "
+            f"selected on ({n_train} train and {n_val} val") in caplog.text  # fmt: skip
+    caplog.clear()
+    held_out = [full[r] for r in split.loc[split["split"] == "test", "path"]]
+    with caplog.at_level("WARNING", logger="breakhis_tl.predict"):
+        clf.predict(held_out, progress=False)
+        alone = tmp_path / "alone.pt"
+        shutil.copy(head_file, alone)
+        Classifier.from_head(alone, device="cpu").predict(list(full.values()), progress=False)
+    assert "trained or selected on" not in caplog.text
