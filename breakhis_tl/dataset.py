@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -39,20 +40,27 @@ class StainedImages(ImageDataset):
     normalisation keeps the image and carries its message in item 3 (see `collate_noted`)."""
 
     def __init__(self, paths, transform, stain, keys: Sequence[str], n_views: Sequence[int],
-                 labels: Sequence[int] | None = None):  # fmt: skip
+                 labels: Sequence[int] | None = None,
+                 hash_pixels: Sequence[bool] | None = None):  # fmt: skip
         super().__init__(paths, transform, labels)
         self.stain, self.keys, self.n_views = stain, list(keys), list(n_views)
         self.width = max(self.n_views, default=1)
+        self.hash_pixels = list(hash_pixels) if hash_pixels is not None else None
 
     def __getitem__(self, i: int):
         try:
             im = load_rgb(self.paths[i])
         except ImageError as exc:
-            return None, self.labels[i], i, str(exc), (0, 0)
+            return None, self.labels[i], i, str(exc), (0, 0), None
+        pixel = None
+        if self.hash_pixels and self.hash_pixels[i]:  # the duplicate check's hash, same decode
+            from breakhis_tl.identity import pixel_hash
+
+            pixel = (pixel_hash(np.asarray(im)), f"{im.size[0]}x{im.size[1]}")
         views, note = self.stain.prepare(im, self.paths[i], self.keys[i], self.n_views[i])
         x = [self.transform(v) for v in views]
         x += [torch.zeros_like(x[0])] * (self.width - len(x))
-        return torch.stack(x), self.labels[i], i, note, im.size
+        return torch.stack(x), self.labels[i], i, note, im.size, pixel
 
 
 class OnlineStain:
@@ -73,6 +81,12 @@ def collate_noted(items):
     """`collate`, plus (index, message) of the readable images that carry a note."""
     notes = [(it[2], it[3]) for it in items if it[0] is not None and it[3]]
     return (*collate(items), notes)
+
+
+def collate_hashed(items):
+    """`collate_noted`, plus (index, (pixel hash, "WxH")) of the images hashed on the way."""
+    hashed = [(it[2], it[5]) for it in items if it[0] is not None and it[5] is not None]
+    return (*collate_noted(items), hashed)
 
 
 def collate(items):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from breakhis_tl import __version__
 from breakhis_tl.backbones import Backbone, initialiser_versions
-from breakhis_tl.dataset import StainedImages, collate_noted, make_loader
+from breakhis_tl.dataset import StainedImages, collate_hashed, make_loader
 from breakhis_tl.errors import UserError
 from breakhis_tl.fastpath import (  # noqa: F401 (re-exported: the extraction API)
     FastPath,
@@ -96,6 +96,7 @@ class ExtractionReport:
     decodes: int = 0  # images decoded in this run, all backbones together
     upscaled: int = 0  # images smaller than a backbone's input size
     images_extracted: int = 0  # image x request pairs computed now
+    pixels: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> hash, "WxH"
 
 
 @dataclass
@@ -151,9 +152,14 @@ def extract(
             report.extracted.append(name)
         else:
             report.cached.append(name)
+    known = store.known_pixels(ids)  # the others get hashed in the extraction's decode
+    report.pixels = {r: None for r, i in enumerate(ids) if i and i not in known}
     for group in groups.values():
         _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
                        report, stain)  # fmt: skip
+    hashed = {r: v for r, v in report.pixels.items() if v is not None}
+    store.remember_pixels([(ids[r], h, size) for r, (h, size) in hashed.items()])
+    report.pixels = hashed
     _warn(report)
     return [(s.feats, s.ok) for s in slots], report
 
@@ -239,30 +245,33 @@ def _extract_group(paths, ids, group, cache, device, batch_size, workers, strict
     bar.close()
 
 
-def _stained_dataset(paths, ids, block, group, stain) -> StainedImages:
-    """The block's images, each with as many stain views as some request needs of it."""
+def _stained_dataset(paths, ids, block, group, stain, pixels: dict) -> StainedImages:
+    """The block's images, each with as many stain views as some request needs of it, and
+    the pixel hash of those `pixels` still lacks (None there)."""
     n_views = np.ones(len(paths), dtype=np.int64)
     for s in group:
         rows = s.req.rows[s.todo]
         n_views[rows] = np.maximum(n_views[rows], s.req.stain_view + 1)
     return StainedImages([paths[i] for i in block], decode_transform(group[0].req.backbone.prep),
                          stain, [ids[i] or paths[i] for i in block],
-                         n_views[block].tolist(), labels=block)  # fmt: skip
+                         n_views[block].tolist(), labels=block,
+                         hash_pixels=[pixels.get(i, 0) is None for i in block])  # fmt: skip
 
 
 def _run_block(paths, ids, block, group, device, batch_size, workers, strict, report,
                stain) -> dict:  # fmt: skip
     """Decode (and stain) each image of `block` once; every view of every backbone from it."""
     prep = group[0].req.backbone.prep
-    ds = _stained_dataset(paths, ids, block, group, stain)
+    ds = _stained_dataset(paths, ids, block, group, stain, report.pixels)
     pos_of = []
     for s in group:
         pos = np.full(len(paths), -1, dtype=np.int64)
         pos[s.req.rows[s.todo]] = s.todo
         pos_of.append(torch.from_numpy(pos))
     failed: dict[int, str] = {}
-    loader = make_loader(ds, batch_size=batch_size, workers=workers, collate_fn=collate_noted)
-    for x, rows, _, bad, sizes, notes in loader:
+    loader = make_loader(ds, batch_size=batch_size, workers=workers, collate_fn=collate_hashed)
+    for x, rows, _, bad, sizes, notes, hashed in loader:
+        report.pixels.update((block[i], pixel) for i, pixel in hashed)
         for i, msg in bad:
             failed[block[i]] = msg
             report.failed[block[i]] = msg

@@ -281,7 +281,9 @@ def prepare_data(cfg: RunConfig, task: str, classes: list[str], selecting: bool 
 
 
 def check_pictures(cfg: RunConfig, data: Data, task: str, store: ImageStore) -> None:
-    """The leakage check by picture: pixel hashes, computed once per image ever."""
+    """The leakage check by picture: pixel hashes, computed once per image ever (in the
+    extraction's decode when one came first: the split does not depend on them, the check
+    only stops or warns, and no head is trained before it)."""
     images = data.images
     images["pixel"] = store.pixel_hashes(images["path"].tolist(), cfg.workers, cfg.progress)
     pixel = dict(zip(images["relpath"], images["pixel"], strict=True))
@@ -584,20 +586,23 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     watch.lap("index and split")
     backbones = build_backbones(cfg, data, stain)  # a missing weights file stops the run here
     watch.lap("backbones (and batch-norm calibration)")
-    check_pictures(cfg, data, task, store)
-    watch.lap("duplicate check")
     modes = compute_modes(cfg, backbones, device, cache_root)
     watch.lap("compute modes")
     feats, view_pos, report = {}, {}, None
     if headjob.runs_end_to_end(cfg):
+        check_pictures(cfg, data, task, store)
+        watch.lap("duplicate check")
         for bb in {id(b): b for b in backbones.values()}.values():
             prepare(bb, device, modes.get((bb.name, bb.weights_id), fast_path(device)))
+        watch.lap("features")
     else:  # --no-cache with logreg: the same pass, in memory only
         cache = None if cfg.no_cache else FeatureCache(cache_root / "features")
         feats, view_pos, report = extract_features(
             cfg, data, backbones, device, cache, store, modes, stain
         )
-    watch.lap("features")
+        watch.lap("features")
+        check_pictures(cfg, data, task, store)  # hashes from the extraction's own decode
+        watch.lap("duplicate check")
     paths = data.images["path"].tolist()
     fallbacks = {paths[r]: m for r, m in (report.stain_fallbacks if report else {}).items()}
     open_run_folders(folders, cfg.overwrite)

@@ -573,3 +573,35 @@ def test_calibration_sees_only_each_folds_training_images(breakhis_sample, tmp_p
         rel = {os.path.relpath(p, breakhis_sample) for p in paths}
         assert rel == set(train["path"])
         assert held_out and not held_out & set(train.loc[train["path"].isin(rel), "patient"])
+
+
+def test_a_cold_run_hashes_pixels_in_the_extractions_decode(breakhis_sample, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    """The duplicate check needs every image's pixel hash; a cold cached run takes it from
+    the extraction's decode (no second pass over the images), and it is the hash a separate
+    decode gives. End to end has no extraction pass, so it decodes for the check."""
+    from breakhis_tl import identity
+    from breakhis_tl.identity import ImageStore, pixel_hash
+    from breakhis_tl.images import load_rgb
+
+    decoded = []
+    real = identity._decode_hashes
+
+    def spy(paths, *args):
+        decoded.extend(paths)
+        return real(paths, *args)
+
+    monkeypatch.setattr(identity, "_decode_hashes", spy)
+    run_training(RunConfig(data=str(breakhis_sample), archs=["efficientnet_lite0"], run="a",
+                           out=str(tmp_path / "a"), workers=0, progress=False))  # fmt: skip
+    assert decoded == []
+    store = ImageStore(tmp_path / "a/data/cache/images.sqlite")
+    paths = [str(p) for p in sorted(breakhis_sample.rglob("*.png"))]
+    known = store.known_pixels(store.content_ids(paths))
+    assert len(known) == len(paths) == 14
+    first = store.content_ids(paths[:1])[0]
+    assert known[first][0] == pixel_hash(np.asarray(load_rgb(paths[0])))
+    run_training(RunConfig(data=str(breakhis_sample), archs=["efficientnet_lite0"], run="b",
+                           out=str(tmp_path / "b"), workers=0, progress=False, no_cache=True,
+                           train=TrainConfig(head="linear", epochs=1)))  # fmt: skip
+    assert sorted(decoded) == paths
