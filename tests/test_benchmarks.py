@@ -247,3 +247,15 @@ def test_extraction_throughput_weights_and_batch_defaults():
     for path in F.candidates(torch.device("cpu"), compile=True) + [F.FastPath(torch.bfloat16)]:
         assert parse_mode(path.describe()) == path  # every mode the script can time, by name
     assert parse_mode("bf16 weights") == F.FastPath(torch.bfloat16, cast=True)
+
+
+def test_cached_vs_end_to_end_from_a_weights_file(tmp_path):
+    """--weights file: the run loads a checkpoint (no calibration inside it), and the
+    checkpoint's features pass the working-baseline check of both runs."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "cached_vs_end_to_end.py"), "--arch",
+           "mobilenet_v2", "--weights", "file", "--images", "16", "--epochs", "1", "--workers",
+           "0", "--workdir", str(tmp_path)]  # fmt: skip
+    _, records = run_json(cmd)
+    (record,) = records
+    assert record["weights"] == "file (calibrated random init)"
+    assert (tmp_path / "mobilenet_v2_calibrated_random.pt").is_file()
