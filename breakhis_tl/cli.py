@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--head",
         default="logreg",
         help="logreg (default: L-BFGS logistic regression, C chosen by patient-grouped CV over "
-        "train+val, then refit on both; --epochs does not apply), linear (AdamW epochs with "
-        "early stopping) or mlp",
+        "train+val, then refit on both; on val alone when too few patients; no epochs), "
+        "linear (AdamW epochs with early stopping) or mlp",
     )
     p.add_argument(
         "--recipe",

@@ -83,7 +83,7 @@ def collate_noted(items):
     return (*collate(items), notes)
 
 
-def collate_hashed(items):
+def collate_hashed(items: list[tuple]) -> tuple:
     """`collate_noted`, plus (index, (pixel hash, "WxH")) of the images hashed on the way."""
     hashed = [(it[2], it[5]) for it in items if it[0] is not None and it[5] is not None]
     return (*collate_noted(items), hashed)

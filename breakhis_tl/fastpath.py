@@ -568,8 +568,9 @@ def _update_cache(
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Two launches' shard 0s may update the file at once: unlocked, one decision could be
-    lost and that launch's shards would wait for it in vain. flock where the system offers
-    it (not Windows; some network file systems refuse it): elsewhere, unlocked."""
+    lost and that launch's shards would wait for it in vain. flock where the system has it
+    (not Windows). On a network file system it may lock this host only (NFS with local
+    locks, CIFS) or fail; a failure is logged once and the update goes on unlocked."""
     try:
         import fcntl
     except ImportError:
@@ -578,6 +579,13 @@ def _locked(path: Path) -> Iterator[None]:
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX)
-            except OSError:
-                pass
+            except OSError as err:
+                if not _LOCK_WARNED:
+                    _LOCK_WARNED.append(path)
+                    log.warning("Could not lock %s (%s); dispatch.json is updated unlocked, "
+                                "so two launches' shard 0s writing at once could lose one "
+                                "decision.", path, err)  # fmt: skip
         yield  # closing the file releases the lock
+
+
+_LOCK_WARNED: list[Path] = []  # once per process

@@ -96,6 +96,7 @@ class ExtractionReport:
     decodes: int = 0  # images decoded in this run, all backbones together
     upscaled: int = 0  # images smaller than a backbone's input size
     images_extracted: int = 0  # image x request pairs computed now
+    to_hash: set[int] = field(default_factory=set)  # rows whose pixel hash is still wanted
     pixels: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> hash, "WxH"
 
 
@@ -122,6 +123,7 @@ def extract(
     store: ImageStore | None = None,
     shard: tuple[int, int] | None = None,
     stain: StainSetup | None = None,
+    hash_pixels: bool = False,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], ExtractionReport]:
     """Features for every request, in request order: (fp16 features [rows, D], ok [rows]).
 
@@ -130,6 +132,8 @@ def extract(
     images whose content id falls in shard i of n (for several processes sharing a cache).
     `stain` normalises every image once before decoding and makes the jittered stain views
     (an image whose normalisation fails is used unnormalised and listed in the report).
+    `hash_pixels`: each decoded image the store has no pixel hash for gets one from that
+    decode, remembered in the store (the leakage check then decodes nothing again).
     """
     device = torch.device(device)
     report = ExtractionReport()
@@ -152,14 +156,12 @@ def extract(
             report.extracted.append(name)
         else:
             report.cached.append(name)
-    known = store.known_pixels(ids)  # the others get hashed in the extraction's decode
-    report.pixels = {r: None for r, i in enumerate(ids) if i and i not in known}
+    if hash_pixels:
+        known = store.known_pixels(ids)
+        report.to_hash = {r for r, i in enumerate(ids) if i and i not in known}
     for group in groups.values():
         _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
-                       report, stain)  # fmt: skip
-    hashed = {r: v for r, v in report.pixels.items() if v is not None}
-    store.remember_pixels([(ids[r], h, size) for r, (h, size) in hashed.items()])
-    report.pixels = hashed
+                       report, stain, store)  # fmt: skip
     _warn(report)
     return [(s.feats, s.ok) for s in slots], report
 
@@ -222,7 +224,7 @@ def _note(report: ExtractionReport, row: int, msg: str, strict: bool) -> None:
 
 
 def _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
-                   report, stain) -> None:  # fmt: skip
+                   report, stain, store) -> None:  # fmt: skip
     prep = group[0].req.backbone.prep
     needed = sorted(set().union(*({int(s.req.rows[p]) for p in s.todo} for s in group)))
     for s in group:
@@ -237,17 +239,20 @@ def _extract_group(paths, ids, group, cache, device, batch_size, workers, strict
                disable=not progress)  # fmt: skip
     for start in range(0, len(needed), CHUNK_IMAGES):
         block = needed[start : start + CHUNK_IMAGES]
+        fresh = [r for r in block if r in report.to_hash]
         done = _run_block(paths, ids, block, group, device, batch_size, workers, strict, report,
                           stain)  # fmt: skip
         bar.update(len(block))
         if cache is not None:
             _save_block(cache, ids, paths, block, done, group, report)
+        # block by block, like the features: a run stopped later keeps them
+        store.remember_pixels([(ids[r], *report.pixels[r]) for r in fresh if r in report.pixels])
     bar.close()
 
 
-def _stained_dataset(paths, ids, block, group, stain, pixels: dict) -> StainedImages:
-    """The block's images, each with as many stain views as some request needs of it, and
-    the pixel hash of those `pixels` still lacks (None there)."""
+def _stained_dataset(paths, ids, block, group, stain, to_hash: set[int]) -> StainedImages:
+    """The block's images, each with as many stain views as some request needs of it (and
+    a pixel hash for the rows in `to_hash`)."""
     n_views = np.ones(len(paths), dtype=np.int64)
     for s in group:
         rows = s.req.rows[s.todo]
@@ -255,14 +260,14 @@ def _stained_dataset(paths, ids, block, group, stain, pixels: dict) -> StainedIm
     return StainedImages([paths[i] for i in block], decode_transform(group[0].req.backbone.prep),
                          stain, [ids[i] or paths[i] for i in block],
                          n_views[block].tolist(), labels=block,
-                         hash_pixels=[pixels.get(i, 0) is None for i in block])  # fmt: skip
+                         hash_pixels=[i in to_hash for i in block])  # fmt: skip
 
 
 def _run_block(paths, ids, block, group, device, batch_size, workers, strict, report,
                stain) -> dict:  # fmt: skip
     """Decode (and stain) each image of `block` once; every view of every backbone from it."""
     prep = group[0].req.backbone.prep
-    ds = _stained_dataset(paths, ids, block, group, stain, report.pixels)
+    ds = _stained_dataset(paths, ids, block, group, stain, report.to_hash)
     pos_of = []
     for s in group:
         pos = np.full(len(paths), -1, dtype=np.int64)
@@ -271,7 +276,9 @@ def _run_block(paths, ids, block, group, device, batch_size, workers, strict, re
     failed: dict[int, str] = {}
     loader = make_loader(ds, batch_size=batch_size, workers=workers, collate_fn=collate_hashed)
     for x, rows, _, bad, sizes, notes, hashed in loader:
-        report.pixels.update((block[i], pixel) for i, pixel in hashed)
+        for i, pixel in hashed:
+            report.pixels[block[i]] = pixel
+            report.to_hash.discard(block[i])
         for i, msg in bad:
             failed[block[i]] = msg
             report.failed[block[i]] = msg

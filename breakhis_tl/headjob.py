@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,9 @@ from breakhis_tl.training import (
     fit_logreg_cv,
     predict_features,
 )
+
+if TYPE_CHECKING:
+    from breakhis_tl.runner import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ class TrainingData:
     val_probs: np.ndarray | None = None  # out-of-fold val probabilities of a refit head
 
 
-def runs_end_to_end(cfg) -> bool:
+def runs_end_to_end(cfg: RunConfig) -> bool:
     """--no-cache runs the backbone every epoch for the heads that have epochs; logreg has
     none, so it takes the cached path's one pass, held in memory, and its C selection:
     cached and uncached logreg then differ by the disk cache alone."""

@@ -140,43 +140,58 @@ def domain_warning(names: list[str], sizes: list, dataset: str, classes: list[st
     )
 
 
-def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> list[str]:
-    """Per input, the side of the head's own split it was in ("train" or "val": fit or
-    selected on), else "". Read from the split.csv beside the head file, matched by the
-    path's last parts (split paths are relative to the dataset root); a head copied alone
-    has none, and then nothing is known."""
+def _head_split(head_path: str | Path | None, meta: dict) -> pd.DataFrame | None:
+    """The train and val rows of the head's fold in the split.csv beside the head file; None
+    where there is none (a head copied alone) or it cannot be read."""
     from breakhis_tl.folds import read_split
 
     split_file = Path(head_path).parent / "split.csv" if head_path else None
     if split_file is None or not split_file.is_file():
-        return [""] * len(names)
+        return None
     try:
         split = read_split(split_file)
     except UserError:
-        return [""] * len(names)
+        return None
     if meta.get("fold") is not None and split["fold"].notna().any():
         split = split[pd.to_numeric(split["fold"], errors="coerce") == float(meta["fold"])]
-    seen = split[split["split"].isin(["train", "val"])]
-    side = dict(zip(seen["path"], seen["split"], strict=True))
-    depths = sorted({p.count("/") + 1 for p in side})
+    return split[split["split"].isin(["train", "val"]) & split["path"].notna()]
+
+
+def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> list[str]:
+    """Per input, what of it the head was fit or selected on: "train" or "val" for the image
+    itself (by file name: BreakHis and IDC names are unique, wherever the copy lies), "train
+    patient" or "val patient" for another image of such a patient (the same slide at another
+    magnification scores well for the wrong reason), else ""."""
+    seen = _head_split(head_path, meta)
+    if seen is None:
+        return [""] * len(names)
+    by_name, by_patient = {}, {}
+    for path, side in sorted(zip(seen["path"], seen["split"], strict=True), key=lambda r: r[1]):
+        by_name.setdefault(Path(path).name, side)  # "train" sorts first: it wins a tie
+        by_patient.setdefault(patient_of(path), side)
+    by_patient.pop(None, None)
     out = []
     for name in names:
-        parts = Path(name).parts
-        out.append(next((side[k] for d in depths if (k := "/".join(parts[-d:])) in side), ""))
+        base, patient = Path(name).name, patient_of(name)
+        out.append(by_name.get(base) or (f"{by_patient[patient]} patient"
+                                         if patient in by_patient else ""))  # fmt: skip
     return out
 
 
 def seen_warning(sides: list[str]) -> str:
-    """One sentence when inputs are images the head was fit or selected on: scored, they
-    flatter it."""
+    """One sentence when inputs are images, or patients, the head was fit or selected on:
+    scored, they flatter it."""
     counts = Counter(s for s in sides if s)
     if not counts:
         return ""
-    parts = " and ".join(f"{counts[s]} {s}" for s in ("train", "val") if counts[s])
+    what = {"train": "train image(s)", "val": "val image(s)",
+            "train patient": "other image(s) of train patients",
+            "val patient": "other image(s) of val patients"}  # fmt: skip
+    parts = ", ".join(f"{counts[k]} {v}" for k, v in what.items() if counts[k])
     return (
-        f"{sum(counts.values())} of {len(sides)} input(s) are images this head was trained "
-        f"or selected on ({parts}, by the split.csv beside it): their predictions say nothing "
-        "about its accuracy; score held-out images (evaluate --split test)."
+        f"{sum(counts.values())} of {len(sides)} input(s) are images or patients this head was "
+        f"trained or selected on ({parts}, by the split.csv beside it): their predictions say "
+        "nothing about its accuracy; score it on patients it never saw."
     )
 
 

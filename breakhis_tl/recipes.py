@@ -54,20 +54,29 @@ def apply_recipe(cfg):
     return cfg
 
 
-EPOCH_OPTIONS = ("epochs", "max_steps", "lr", "weight_decay", "patience", "hidden", "dropout")
+EPOCH_OPTIONS = (
+    "epochs",
+    "max_steps",
+    "lr",
+    "weight_decay",
+    "patience",
+    "batch_size",
+    "hidden",
+    "dropout",
+)
 
 
 def _warn_unused_by_logreg(train) -> None:
-    """logreg trains to convergence with C chosen by CV: epoch options set by hand would
-    otherwise be recorded in the run as if they had shaped the head."""
+    """logreg trains to convergence: epoch options set by hand would otherwise be recorded
+    in the run as if they had shaped the head."""
     from breakhis_tl.training import TrainConfig
 
     default = TrainConfig()
     changed = [k for k in EPOCH_OPTIONS if getattr(train, k) != getattr(default, k)]
     if changed:
         log.warning(
-            "The logreg head trains to convergence (C by grouped CV) and ignores %s; "
-            "--head linear trains by epochs.",
+            "The logreg head has no epochs (L-BFGS to convergence) and ignores %s; "
+            "--head linear or mlp trains by epochs.",
             ", ".join(f"{k}={getattr(train, k)}" for k in changed),
         )
 

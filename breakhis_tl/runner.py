@@ -280,10 +280,18 @@ def prepare_data(cfg: RunConfig, task: str, classes: list[str], selecting: bool 
     return Data(plan, images, y, {})
 
 
+def pictures_known(data: Data, store: ImageStore) -> bool:
+    """Whether every image's pixel hash is remembered: then the leakage check costs nothing
+    and goes first; else a cold cached run checks after the extraction, which hashes in its
+    own decode (the split does not depend on the hashes, and no head comes before the
+    check), so a twin across sides then stops the run after the extraction (kept cached)."""
+    ids = store.content_ids(data.images["path"].tolist())
+    known = store.known_pixels(ids)
+    return all(i is None or i in known for i in ids)
+
+
 def check_pictures(cfg: RunConfig, data: Data, task: str, store: ImageStore) -> None:
-    """The leakage check by picture: pixel hashes, computed once per image ever (in the
-    extraction's decode when one came first: the split does not depend on them, the check
-    only stops or warns, and no head is trained before it)."""
+    """The leakage check by picture: pixel hashes, computed once per image ever."""
     images = data.images
     images["pixel"] = store.pixel_hashes(images["path"].tolist(), cfg.workers, cfg.progress)
     pixel = dict(zip(images["relpath"], images["pixel"], strict=True))
@@ -424,7 +432,7 @@ def view_pairs(cfg: RunConfig) -> list[tuple[int, int]]:
 
 
 def extract_features(cfg, data: Data, backbones, device, cache, store, modes, stain,
-                     shard=None):  # fmt: skip
+                     shard=None, hash_pixels: bool = False):  # fmt: skip
     """Each distinct backbone over every image, its views over the training images."""
     rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
     distinct, train_rows = {}, {}
@@ -444,7 +452,7 @@ def extract_features(cfg, data: Data, backbones, device, cache, store, modes, st
     paths = data.images["path"].tolist()
     got, report = extract(paths, requests, cache, device, cfg.extract_batch, cfg.workers,
                           cfg.strict, progress=cfg.progress, store=store, shard=shard,
-                          stain=stain)  # fmt: skip
+                          stain=stain, hash_pixels=hash_pixels)  # fmt: skip
     feats = {}
     for req, (f, ok) in zip(requests, got, strict=True):
         feats[(req.backbone.name, req.backbone.weights_id, req.view, req.stain_view)] = (f, ok)
@@ -589,18 +597,21 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     modes = compute_modes(cfg, backbones, device, cache_root)
     watch.lap("compute modes")
     feats, view_pos, report = {}, {}, None
-    if headjob.runs_end_to_end(cfg):
+    check_first = cfg.no_cache or pictures_known(data, store)  # else: in the extraction
+    if check_first:
         check_pictures(cfg, data, task, store)
         watch.lap("duplicate check")
+    if headjob.runs_end_to_end(cfg):
         for bb in {id(b): b for b in backbones.values()}.values():
             prepare(bb, device, modes.get((bb.name, bb.weights_id), fast_path(device)))
         watch.lap("features")
     else:  # --no-cache with logreg: the same pass, in memory only
         cache = None if cfg.no_cache else FeatureCache(cache_root / "features")
         feats, view_pos, report = extract_features(
-            cfg, data, backbones, device, cache, store, modes, stain
+            cfg, data, backbones, device, cache, store, modes, stain, hash_pixels=True
         )
         watch.lap("features")
+    if not check_first:
         check_pictures(cfg, data, task, store)  # hashes from the extraction's own decode
         watch.lap("duplicate check")
     paths = data.images["path"].tolist()

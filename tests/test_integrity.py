@@ -223,6 +223,13 @@ def test_twin_across_sides_stops_a_patient_protocol(breakhis_real, tmp_path):
     split.to_csv(tmp_path / "s.csv", index=False)
     with pytest.raises(UserError, match="pixel-identical pair.*99999"):
         run_training(_cfg(root, tmp_path, split_file=str(tmp_path / "s.csv"), run="t"))
+    for folder in ("trained_models", "summary_writers", "validation_graphs"):
+        assert not (tmp_path / folder / "t").exists()  # stopped before any head or file
+    # a second try, every hash now known, stops before extracting anything
+    shutil.rmtree(tmp_path / "data/cache/features")
+    with pytest.raises(UserError, match="pixel-identical pair.*99999"):
+        run_training(_cfg(root, tmp_path, split_file=str(tmp_path / "s.csv"), run="t"))
+    assert not (tmp_path / "data/cache/features").exists()
 
 
 def test_group_by_accession_joins_slides(full_index):
@@ -536,7 +543,7 @@ def test_logreg_says_which_epoch_options_it_ignores(caplog):
     with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
         apply_recipe(RunConfig(archs=["efficientnet_lite0"],
                                train=TrainConfig(epochs=3, lr=0.01)))  # fmt: skip
-    assert "ignores epochs=3, lr=0.01; --head linear trains by epochs" in caplog.text
+    assert "ignores epochs=3, lr=0.01; --head linear or mlp trains by epochs" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
         apply_recipe(RunConfig(archs=["efficientnet_lite0"]))

@@ -233,20 +233,30 @@ def test_unrelated_folder_keeps_the_question(tmp_path):
 def test_predict_says_which_inputs_the_head_was_fit_or_selected_on(
     clf, head_file, breakhis_sample, tmp_path, caplog
 ):
-    """Labels scored on a head's own training or validation images flatter it: predict
-    counts them by the run's split.csv; held-out images, and a head copied away from its
-    run (no split.csv beside it), raise no such warning."""
+    """Labels scored on a head's own training or validation images, or on other images of
+    those patients, flatter it: predict counts them by the run's split.csv, by file name
+    wherever the copy lies and by patient; held-out patients, and a head copied away from
+    its run (no split.csv beside it), raise no such warning."""
     import shutil
 
     split = pd.read_csv(head_file.parent / "split.csv")
     full = {rel: str(breakhis_sample / rel) for rel in split["path"]}
-    seen = split[split["split"] != "test"]
-    with caplog.at_level("WARNING", logger="breakhis_tl.predict"):
-        clf.predict(list(full.values()), progress=False)
-    n_train, n_val = (int((seen["split"] == s).sum()) for s in ("train", "val"))
+    n_train, n_val = (int((split["split"] == s).sum()) for s in ("train", "val"))
     assert n_train and n_val
-    assert (f"{n_train + n_val} of {len(full)} input(s) are images this head was trained or "
-            f"selected on ({n_train} train and {n_val} val") in caplog.text  # fmt: skip
+    train_image = split.loc[split["split"] == "train", "path"].iloc[0]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    copy = flat / train_image.rsplit("/", 1)[1]  # the same image, another folder
+    shutil.copy(full[train_image], copy)
+    name = copy.name.split("-")  # SOB_B_F-14-25197-40-001.png: same slide, 400X
+    sibling = flat / "-".join([*name[:3], "400", "999.png"])
+    shutil.copy(full[train_image], sibling)
+    with caplog.at_level("WARNING", logger="breakhis_tl.predict"):
+        clf.predict([*full.values(), str(copy), str(sibling)], progress=False)
+    total = len(full) + 2
+    assert (f"{n_train + n_val + 2} of {total} input(s) are images or patients this head was "
+            f"trained or selected on ({n_train + 1} train image(s), {n_val} val image(s), "
+            "1 other image(s) of train patients") in caplog.text  # fmt: skip
     caplog.clear()
     held_out = [full[r] for r in split.loc[split["split"] == "test", "path"]]
     with caplog.at_level("WARNING", logger="breakhis_tl.predict"):
@@ -255,3 +265,19 @@ def test_predict_says_which_inputs_the_head_was_fit_or_selected_on(
         shutil.copy(head_file, alone)
         Classifier.from_head(alone, device="cpu").predict(list(full.values()), progress=False)
     assert "trained or selected on" not in caplog.text
+
+
+def test_seen_by_head_reads_the_heads_own_fold(tmp_path):
+    """With several folds in split.csv, a head is judged by its fold's sides alone; a row
+    with no path is passed over."""
+    from breakhis_tl.predict import seen_by_head
+
+    a, b = "SOB_B_F-14-25197-40-001.png", "SOB_M_DC-14-2523-40-001.png"
+    pd.DataFrame({
+        "path": [f"x/{a}", f"x/{b}", f"x/{a}", f"x/{b}", None],
+        "split": ["train", "test", "test", "val", "train"],
+        "fold": [1, 1, 2, 2, 2],
+    }).to_csv(tmp_path / "split.csv", index=False)  # fmt: skip
+    head = tmp_path / "head.pt"
+    assert seen_by_head(head, {"fold": 1}, [f"/d/{a}", f"/d/{b}"]) == ["train", ""]
+    assert seen_by_head(head, {"fold": 2}, [f"/d/{a}", f"/d/{b}"]) == ["", "val"]
