@@ -7,6 +7,7 @@ single file is all a user needs. A bad image is a row with an `error`, never a l
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -157,6 +158,17 @@ def _head_split(head_path: str | Path | None, meta: dict) -> pd.DataFrame | None
     return split[split["split"].isin(["train", "val"]) & split["path"].notna()]
 
 
+def _patient_key(name: str, dataset: str, accession: bool) -> str | None:
+    """The patient an input's name belongs to, in the head's dataset only (a BreakHis slide
+    and an IDC patient can share digits); by accession when the split grouped so."""
+    base = Path(name).name
+    m = (BREAKHIS_NAME if dataset == "breakhis" else IDC_NAME).match(base)
+    if not m:
+        return None
+    key = m["slide"].upper() if dataset == "breakhis" else m["patient"]
+    return re.match(r"\d*", key)[0] or key if accession else key
+
+
 def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> list[str]:
     """Per input, what of it the head was fit or selected on: "train" or "val" for the image
     itself (by file name: BreakHis and IDC names are unique, wherever the copy lies), "train
@@ -165,16 +177,18 @@ def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> 
     seen = _head_split(head_path, meta)
     if seen is None:
         return [""] * len(names)
+    dataset = head_dataset(meta)
+    accession = "group_by" in seen and (seen["group_by"] == "accession").any()
     by_name, by_patient = {}, {}
     for path, side in sorted(zip(seen["path"], seen["split"], strict=True), key=lambda r: r[1]):
-        by_name.setdefault(Path(path).name, side)  # "train" sorts first: it wins a tie
-        by_patient.setdefault(patient_of(path), side)
+        by_name.setdefault(Path(path).name.lower(), side)  # "train" sorts first: it wins a tie
+        by_patient.setdefault(_patient_key(path, dataset, accession), side)
     by_patient.pop(None, None)
     out = []
     for name in names:
-        base, patient = Path(name).name, patient_of(name)
-        out.append(by_name.get(base) or (f"{by_patient[patient]} patient"
-                                         if patient in by_patient else ""))  # fmt: skip
+        patient = _patient_key(name, dataset, accession)
+        out.append(by_name.get(Path(name).name.lower()) or (
+            f"{by_patient[patient]} patient" if patient in by_patient else ""))  # fmt: skip
     return out
 
 
@@ -189,9 +203,10 @@ def seen_warning(sides: list[str]) -> str:
             "val patient": "other image(s) of val patients"}  # fmt: skip
     parts = ", ".join(f"{counts[k]} {v}" for k, v in what.items() if counts[k])
     return (
-        f"{sum(counts.values())} of {len(sides)} input(s) are images or patients this head was "
-        f"trained or selected on ({parts}, by the split.csv beside it): their predictions say "
-        "nothing about its accuracy; score it on patients it never saw."
+        f"{sum(counts.values())} of {len(sides)} input(s) are images, or other images of "
+        f"patients, this head was trained or selected on ({parts}, by the split.csv beside "
+        "it): their predictions say nothing about its accuracy; score it on patients it never "
+        "saw."
     )
 
 

@@ -282,9 +282,10 @@ def prepare_data(cfg: RunConfig, task: str, classes: list[str], selecting: bool 
 
 def pictures_known(data: Data, store: ImageStore) -> bool:
     """Whether every image's pixel hash is remembered: then the leakage check costs nothing
-    and goes first; else a cold cached run checks after the extraction, which hashes in its
-    own decode (the split does not depend on the hashes, and no head comes before the
-    check), so a twin across sides then stops the run after the extraction (kept cached)."""
+    and goes first; else a run with an extraction pass checks after it, the pass hashing in
+    its own decode (the split does not depend on the hashes, and no head comes before the
+    check), so a twin across sides then stops the run after the extraction (kept in the
+    cache, lost under --no-cache)."""
     ids = store.content_ids(data.images["path"].tolist())
     known = store.known_pixels(ids)
     return all(i is None or i in known for i in ids)
@@ -576,6 +577,19 @@ def resolve_protocol(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def head_features(cfg: RunConfig, data: Data, backbones, device, cache_root: Path,
+                  store: ImageStore, modes: dict, stain: StainSetup):  # fmt: skip
+    """The heads' features: cached, or under --no-cache with logreg the same pass held in
+    memory; none for end-to-end heads, whose backbones are only made ready to run."""
+    if headjob.runs_end_to_end(cfg):
+        for bb in {id(b): b for b in backbones.values()}.values():
+            prepare(bb, device, modes.get((bb.name, bb.weights_id), fast_path(device)))
+        return {}, {}, None
+    cache = None if cfg.no_cache else FeatureCache(cache_root / "features")
+    return extract_features(cfg, data, backbones, device, cache, store, modes, stain,
+                            hash_pixels=True)  # fmt: skip
+
+
 def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     watch = Stopwatch()
     cfg = resolve_protocol(apply_recipe(cfg))
@@ -592,25 +606,17 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes)
     watch.lap("index and split")
+    check_first = headjob.runs_end_to_end(cfg) or pictures_known(data, store)
+    if check_first:  # else after the extraction, hashed in its decode
+        check_pictures(cfg, data, task, store)
+        watch.lap("duplicate check")
     backbones = build_backbones(cfg, data, stain)  # a missing weights file stops the run here
     watch.lap("backbones (and batch-norm calibration)")
     modes = compute_modes(cfg, backbones, device, cache_root)
     watch.lap("compute modes")
-    feats, view_pos, report = {}, {}, None
-    check_first = cfg.no_cache or pictures_known(data, store)  # else: in the extraction
-    if check_first:
-        check_pictures(cfg, data, task, store)
-        watch.lap("duplicate check")
-    if headjob.runs_end_to_end(cfg):
-        for bb in {id(b): b for b in backbones.values()}.values():
-            prepare(bb, device, modes.get((bb.name, bb.weights_id), fast_path(device)))
-        watch.lap("features")
-    else:  # --no-cache with logreg: the same pass, in memory only
-        cache = None if cfg.no_cache else FeatureCache(cache_root / "features")
-        feats, view_pos, report = extract_features(
-            cfg, data, backbones, device, cache, store, modes, stain, hash_pixels=True
-        )
-        watch.lap("features")
+    feats, view_pos, report = head_features(cfg, data, backbones, device, cache_root, store,
+                                            modes, stain)  # fmt: skip
+    watch.lap("features")
     if not check_first:
         check_pictures(cfg, data, task, store)  # hashes from the extraction's own decode
         watch.lap("duplicate check")

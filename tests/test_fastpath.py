@@ -537,3 +537,20 @@ def test_concurrent_dispatch_updates_lose_no_decision(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     written = json.loads((tmp_path / F.DISPATCH_FILE).read_text())
     assert len(written) == 240
+
+
+def test_a_refused_lock_is_said_once_and_the_update_goes_on(tmp_path, monkeypatch, caplog):
+    """A file system that refuses flock: the decision is still written, and the log says
+    once that the update was unlocked."""
+    import fcntl
+
+    def refuse(*args):
+        raise OSError("locks not supported")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    monkeypatch.setattr(F, "_LOCK_WARNED", [])
+    with caplog.at_level(logging.WARNING, logger="breakhis_tl.fastpath"):
+        F._update_cache(tmp_path, "a", {"path": {}})
+        F._update_cache(tmp_path, "b", {"path": {}})
+    assert caplog.text.count("Could not lock") == 1
+    assert set(json.loads((tmp_path / F.DISPATCH_FILE).read_text())) == {"a", "b"}

@@ -608,7 +608,48 @@ def test_a_cold_run_hashes_pixels_in_the_extractions_decode(breakhis_sample, tmp
     assert len(known) == len(paths) == 14
     first = store.content_ids(paths[:1])[0]
     assert known[first][0] == pixel_hash(np.asarray(load_rgb(paths[0])))
+    run_training(
+        RunConfig(
+            data=str(breakhis_sample),
+            archs=["efficientnet_lite0"],
+            run="c",
+            out=str(tmp_path / "c"),
+            workers=0,
+            progress=False,
+            no_cache=True,
+        )
+    )  # logreg: one pass in memory, hashing in it too
+    assert decoded == []
     run_training(RunConfig(data=str(breakhis_sample), archs=["efficientnet_lite0"], run="b",
                            out=str(tmp_path / "b"), workers=0, progress=False, no_cache=True,
                            train=TrainConfig(head="linear", epochs=1)))  # fmt: skip
     assert sorted(decoded) == paths
+
+
+def test_extraction_hashes_only_when_asked_and_keeps_each_blocks_hashes(breakhis_sample,
+                                                                        monkeypatch):  # fmt: skip
+    """extract() hashes pixels only for train's leakage check (benchmarks time the features
+    alone), and saves them block by block: a run stopped in its second block keeps the first
+    block's hashes, as it keeps that block's features."""
+    from breakhis_tl import features
+    from breakhis_tl.identity import ImageStore
+
+    paths = [str(p) for p in sorted(breakhis_sample.rglob("*.png"))]
+    bb = build_backbone("efficientnet_lite0", "default")
+    req = [Request(bb, 0, np.arange(len(paths)))]
+    store = ImageStore(None)
+    extract(paths, req, store=store, workers=0, progress=False)
+    assert store.known_pixels(store.content_ids(paths)) == {}
+    monkeypatch.setattr(features, "CHUNK_IMAGES", 5)
+    real, calls = features._run_block, []
+
+    def stop_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "_run_block", stop_second)
+    with pytest.raises(KeyboardInterrupt):
+        extract(paths, req, store=store, workers=0, progress=False, hash_pixels=True)
+    assert len(store.known_pixels(store.content_ids(paths))) == 5

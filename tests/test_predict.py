@@ -254,9 +254,9 @@ def test_predict_says_which_inputs_the_head_was_fit_or_selected_on(
     with caplog.at_level("WARNING", logger="breakhis_tl.predict"):
         clf.predict([*full.values(), str(copy), str(sibling)], progress=False)
     total = len(full) + 2
-    assert (f"{n_train + n_val + 2} of {total} input(s) are images or patients this head was "
-            f"trained or selected on ({n_train + 1} train image(s), {n_val} val image(s), "
-            "1 other image(s) of train patients") in caplog.text  # fmt: skip
+    assert (f"{n_train + n_val + 2} of {total} input(s) are images, or other images of "
+            f"patients, this head was trained or selected on ({n_train + 1} train image(s), "
+            f"{n_val} val image(s), 1 other image(s) of train patients") in caplog.text  # fmt: skip
     caplog.clear()
     held_out = [full[r] for r in split.loc[split["split"] == "test", "path"]]
     with caplog.at_level("WARNING", logger="breakhis_tl.predict"):
@@ -281,3 +281,24 @@ def test_seen_by_head_reads_the_heads_own_fold(tmp_path):
     head = tmp_path / "head.pt"
     assert seen_by_head(head, {"fold": 1}, [f"/d/{a}", f"/d/{b}"]) == ["train", ""]
     assert seen_by_head(head, {"fold": 2}, [f"/d/{a}", f"/d/{b}"]) == ["", "val"]
+    assert seen_by_head(head, {"fold": 1}, [f"/d/{a.lower()}"]) == ["train"]
+    # an IDC patch whose patient id has a BreakHis slide's digits is another patient
+    idc = tmp_path / "idc"
+    idc.mkdir()
+    pd.DataFrame({"path": ["x/SOB_B_A-14-10253-40-001.png"], "split": ["train"]}).to_csv(
+        idc / "split.csv", index=False)  # fmt: skip
+    meta = {"fold": None, "dataset": "breakhis"}
+    assert seen_by_head(idc / "h.pt", meta, ["10253_idx5_x1_y1_class0.png"]) == [""]
+    assert seen_by_head(idc / "h.pt", meta, ["SOB_B_A-14-10253-100-009.png"]) == ["train patient"]
+
+
+def test_seen_by_head_keys_patients_as_the_split_did(tmp_path):
+    """Under --group-by accession, slides 22549AB and 22549CD are one patient."""
+    from breakhis_tl.predict import seen_by_head
+
+    other = "SOB_B_A-14-22549CD-100-001.png"
+    for group_by, expected in (("accession", "train patient"), ("slide", "")):
+        rows = {"path": ["x/SOB_B_A-14-22549AB-40-001.png"], "split": ["train"],
+                "group_by": [group_by]}  # fmt: skip
+        pd.DataFrame(rows).to_csv(tmp_path / "split.csv", index=False)
+        assert seen_by_head(tmp_path / "h.pt", {"fold": None}, [other]) == [expected]
