@@ -32,6 +32,7 @@ from breakhis_tl.backbones import (
 from breakhis_tl.errors import UserError
 from breakhis_tl.fastpath import PRECISIONS, choose
 from breakhis_tl.features import (
+    ExtractionReport,
     FeatureCache,
     Request,
     check_features,
@@ -578,7 +579,8 @@ def resolve_protocol(cfg: RunConfig) -> RunConfig:
 
 
 def head_features(cfg: RunConfig, data: Data, backbones, device, cache_root: Path,
-                  store: ImageStore, modes: dict, stain: StainSetup):  # fmt: skip
+                  store: ImageStore, modes: dict,
+                  stain: StainSetup) -> tuple[dict, dict, ExtractionReport | None]:  # fmt: skip
     """The heads' features: cached, or under --no-cache with logreg the same pass held in
     memory; none for end-to-end heads, whose backbones are only made ready to run."""
     if headjob.runs_end_to_end(cfg):
