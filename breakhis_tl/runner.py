@@ -608,12 +608,12 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes)
     watch.lap("index and split")
+    backbones = build_backbones(cfg, data, stain)  # a missing weights file stops the run here
+    watch.lap("backbones (and batch-norm calibration)")
     check_first = headjob.runs_end_to_end(cfg) or pictures_known(data, store)
     if check_first:  # else after the extraction, hashed in its decode
         check_pictures(cfg, data, task, store)
         watch.lap("duplicate check")
-    backbones = build_backbones(cfg, data, stain)  # a missing weights file stops the run here
-    watch.lap("backbones (and batch-norm calibration)")
     modes = compute_modes(cfg, backbones, device, cache_root)
     watch.lap("compute modes")
     feats, view_pos, report = head_features(cfg, data, backbones, device, cache_root, store,
