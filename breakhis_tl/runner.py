@@ -128,7 +128,7 @@ class RunResult:
 
 class Stopwatch:
     """Seconds per stage of a run, in its log and config.json: what a run's time went to
-    (a random init's calibration and the duplicate check are paid with or without cache)."""
+    (a random init's calibration, for one, is paid with or without the feature cache)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
