@@ -473,7 +473,8 @@ def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict
     """Features only, into the cache (eva's embedding step): the same data, split, backbones
     and views as `train` with these options, so a later `train` reads everything from the
     cache. `shard=(i, n)`: only the images whose content id falls in shard i of n, so n
-    processes sharing a cache folder split the work with no other coordination."""
+    processes sharing a cache folder split the work with no other coordination (each shard
+    decoding every image for the picture check would cost n passes over the data)."""
     cfg = resolve_protocol(apply_recipe(cfg))
     validate(cfg)
     stain = make_stain(cfg)
@@ -484,11 +485,20 @@ def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes, selecting=False)
     backbones = build_backbones(cfg, data, stain)
-    check_pictures(cfg, data, task, store)
+    # a shard hashes its own images only: the check, which needs them all, is train's
+    whole = shard is None or shard[1] == 1
+    check_first = whole and pictures_known(data, store)
+    if check_first:
+        check_pictures(cfg, data, task, store)
     modes = compute_modes(cfg, backbones, device, cache_root, shard)
     cache = FeatureCache(cache_root / "features")
     _, _, report = extract_features(cfg, data, backbones, device, cache, store, modes, stain,
-                                    shard)  # fmt: skip
+                                    shard, hash_pixels=True)  # fmt: skip
+    if whole and not check_first:
+        check_pictures(cfg, data, task, store)
+    elif not whole:
+        log.info("Shard %d/%d hashed its own images' pixels; the leakage check by picture is "
+                 "train's, once every shard is done.", shard[0], shard[1])  # fmt: skip
     return {"images": len(data.images), "extracted": report.images_extracted,
             "failed": len(report.failed), "stain_fallbacks": len(report.stain_fallbacks),
             "cache": str(cache.root),

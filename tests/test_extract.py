@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from breakhis_tl.cli import main, parse_shard
 from breakhis_tl.errors import UserError
+from breakhis_tl.identity import ImageStore
 
 
 def _env():
@@ -52,6 +53,10 @@ def test_two_shards_equal_one_process_bit_for_bit(breakhis_sample, tmp_path, cap
     assert all(done) and sum(done) == len(one) > 14  # 14 images + a view of each train image
     assert one.keys() == two.keys()
     assert all(one[k].equal(two[k]) for k in one)
+    # the shards hashed their own images' pixels: train's leakage check decodes nothing
+    store = ImageStore(tmp_path / "two" / "images.sqlite")
+    paths = [str(p) for p in breakhis_sample.rglob("*.png")]
+    assert len(store.known_pixels(store.content_ids(paths))) == len(paths)
     # train then reads everything from the sharded cache
     capsys.readouterr()
     args = ["train", "--data", str(breakhis_sample), "--archs", "efficientnet_lite0", "--views",
@@ -67,3 +72,24 @@ def test_shard_option_and_environment(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert parse_shard(None) == (2, 3)
+
+
+def test_a_shard_decodes_only_its_own_images(breakhis_sample, tmp_path, monkeypatch):
+    """A shard hashes its images in their extraction's decode and leaves the picture check
+    (which needs every image) to train: n shards do not each decode the whole dataset."""
+    from breakhis_tl import identity
+    from breakhis_tl.features import in_shard
+    from breakhis_tl.runner import RunConfig, run_extraction
+
+    decoded = []
+    monkeypatch.setattr(identity, "_decode_hashes", lambda paths, *a: decoded.extend(paths))
+    monkeypatch.setenv("BREAKHIS_TL_RUN_ID", "test-shard")
+    cfg = RunConfig(data=str(breakhis_sample), archs=["efficientnet_lite0"], workers=0,
+                    progress=False, cache_dir=str(tmp_path / "c"))  # fmt: skip
+    out = run_extraction(cfg, shard=(0, 2))
+    assert decoded == [] and out["extracted"] > 0
+    store = ImageStore(tmp_path / "c" / "images.sqlite")
+    paths = [str(p) for p in breakhis_sample.rglob("*.png")]
+    ids = store.content_ids(paths)
+    mine = {i for i in ids if in_shard(i, (0, 2))}
+    assert 0 < len(mine) < len(ids) and set(store.known_pixels(ids)) == mine
