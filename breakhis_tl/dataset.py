@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -54,9 +53,9 @@ class StainedImages(ImageDataset):
             return None, self.labels[i], i, str(exc), (0, 0), None
         pixel = None
         if self.hash_pixels and self.hash_pixels[i]:  # the duplicate check's hash, same decode
-            from breakhis_tl.identity import pixel_hash
+            from breakhis_tl.identity import image_pixels
 
-            pixel = (pixel_hash(np.asarray(im)), f"{im.size[0]}x{im.size[1]}")
+            pixel = image_pixels(im)
         views, note = self.stain.prepare(im, self.paths[i], self.keys[i], self.n_views[i])
         x = [self.transform(v) for v in views]
         x += [torch.zeros_like(x[0])] * (self.width - len(x))

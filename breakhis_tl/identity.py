@@ -147,6 +147,11 @@ class ImageStore:
             self._db = None
 
 
+def image_pixels(im) -> tuple[str, str]:
+    """(pixel hash, "WxH") of a decoded PIL image: what the store remembers of its pixels."""
+    return pixel_hash(np.asarray(im)), f"{im.size[0]}x{im.size[1]}"
+
+
 class _HashDataset:
     def __init__(self, paths: Sequence[str]):
         self.paths = list(paths)
@@ -161,7 +166,7 @@ class _HashDataset:
             im = load_rgb(self.paths[i])
         except ImageError:
             return None, ""
-        return pixel_hash(np.asarray(im)), f"{im.size[0]}x{im.size[1]}"
+        return image_pixels(im)
 
 
 def _decode_hashes(

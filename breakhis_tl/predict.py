@@ -104,13 +104,14 @@ def head_mode(meta: dict, device: torch.device):
     return mode
 
 
-def patient_of(name: str) -> str | None:
-    """Patient (slide) id from a BreakHis or IDC file name; None for other names."""
+def patient_of(name: str, dataset: str | None = None) -> str | None:
+    """Patient (slide) id from a BreakHis or IDC file name (of `dataset` only, if given: a
+    BreakHis slide and an IDC patient can share digits); None for other names."""
     base = Path(name).name
-    m = BREAKHIS_NAME.match(base)
+    m = BREAKHIS_NAME.match(base) if dataset in (None, "breakhis") else None
     if m:
         return m["slide"].upper()
-    m = IDC_NAME.match(base)
+    m = IDC_NAME.match(base) if dataset in (None, "idc") else None
     return m["patient"] if m else None
 
 
@@ -159,14 +160,10 @@ def _head_split(head_path: str | Path | None, meta: dict) -> pd.DataFrame | None
 
 
 def _patient_key(name: str, dataset: str, accession: bool) -> str | None:
-    """The patient an input's name belongs to, in the head's dataset only (a BreakHis slide
-    and an IDC patient can share digits); by accession when the split grouped so."""
-    base = Path(name).name
-    m = (BREAKHIS_NAME if dataset == "breakhis" else IDC_NAME).match(base)
-    if not m:
-        return None
-    key = m["slide"].upper() if dataset == "breakhis" else m["patient"]
-    return re.match(r"\d*", key)[0] or key if accession else key
+    """The patient an input's name belongs to, in the head's dataset only; by accession
+    (the slide id's digits) when the split grouped so."""
+    key = patient_of(name, dataset)
+    return re.match(r"\d*", key)[0] or key if accession and key else key
 
 
 def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> list[str]:
