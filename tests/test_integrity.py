@@ -201,7 +201,8 @@ def test_patient_key_joins_the_twin_in_every_other_protocol(breakhis_real, tmp_p
     assert {relabelled[0][0], relabelled[0][2]} == {TWIN_DC, TWIN_LC}
 
 
-def test_twin_across_sides_stops_a_patient_protocol(breakhis_real, tmp_path):
+@pytest.mark.parametrize("mode", ["cached", "uncached logreg", "end to end"])
+def test_twin_across_sides_stops_a_patient_protocol(breakhis_real, tmp_path, mode):
     """Were the patient key to miss a twin (one picture under two slide ids), the run stops
     by name: here a copy of a real image saved under another slide id, in a temporary tree."""
     import shutil
@@ -221,10 +222,19 @@ def test_twin_across_sides_stops_a_patient_protocol(breakhis_real, tmp_path):
     val = index["slide"].isin(index.groupby("label")["slide"].first())
     split.loc[val & (index["slide"] != "99999"), "split"] = "val"
     split.to_csv(tmp_path / "s.csv", index=False)
+    kw = {
+        "cached": {},
+        "uncached logreg": {"no_cache": True},  # checked after its pass
+        "end to end": {"no_cache": True, "train": TrainConfig(head="linear", epochs=1)},
+    }
     with pytest.raises(UserError, match="pixel-identical pair.*99999"):
-        run_training(_cfg(root, tmp_path, split_file=str(tmp_path / "s.csv"), run="t"))
+        run_training(_cfg(root, tmp_path, split_file=str(tmp_path / "s.csv"), run="t",
+                          **kw[mode]))  # fmt: skip
     for folder in ("trained_models", "summary_writers", "validation_graphs"):
         assert not (tmp_path / folder / "t").exists()  # stopped before any head or file
+    if mode != "cached":
+        assert not (tmp_path / "data/cache/features").exists()
+        return
     # a second try, every hash now known, stops before extracting anything
     shutil.rmtree(tmp_path / "data/cache/features")
     with pytest.raises(UserError, match="pixel-identical pair.*99999"):
