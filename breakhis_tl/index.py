@@ -47,6 +47,13 @@ IDC_NAME = re.compile(
 )
 
 
+def accession_of(slide: str) -> str:
+    """A BreakHis slide id's accession number (its leading digits): slides such as 22549AB,
+    22549CD and 22549G may come from one patient. A key without digits stays itself."""
+    m = re.match(r"\d+", slide)
+    return m[0] if m else slide
+
+
 def _image_files(root: Path) -> list[Path]:
     if not root.exists():
         raise UserError(f"Data folder {root} does not exist.")

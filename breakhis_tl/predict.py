@@ -7,7 +7,6 @@ single file is all a user needs. A bad image is a row with an `error`, never a l
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +24,7 @@ from breakhis_tl.errors import UserError
 from breakhis_tl.features import fast_path, pick_device, prepare, run_backbone
 from breakhis_tl.heads import load_head
 from breakhis_tl.images import ImageError, as_rgb
-from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME
+from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, accession_of
 from breakhis_tl.stain import StainSetup
 from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral, normalize
 
@@ -156,24 +155,26 @@ def _head_split(head_path: str | Path | None, meta: dict) -> pd.DataFrame | None
         return None
     if meta.get("fold") is not None and split["fold"].notna().any():
         split = split[pd.to_numeric(split["fold"], errors="coerce") == float(meta["fold"])]
-    return split[split["split"].isin(["train", "val"]) & split["path"].notna()]
+    seen = split[split["split"].isin(["train", "val"]) & split["path"].notna()]
+    return seen if len(seen) else None  # no row of its fold: nothing to check against
 
 
 def _patient_key(name: str, dataset: str, accession: bool) -> str | None:
     """The patient an input's name belongs to, in the head's dataset only; by accession
     (the slide id's digits) when the split grouped so."""
     key = patient_of(name, dataset)
-    return re.match(r"\d*", key)[0] or key if accession and key else key
+    return accession_of(key) if accession and key else key
 
 
-def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> list[str]:
+def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> list[str] | None:
     """Per input, what of it the head was fit or selected on: "train" or "val" for the image
     itself (by file name: BreakHis and IDC names are unique, wherever the copy lies), "train
     patient" or "val patient" for another image of such a patient (the same slide at another
-    magnification scores well for the wrong reason), else ""."""
+    magnification scores well for the wrong reason), else "". None when the head's split
+    cannot be read, so "not checked" never passes for "clear"."""
     seen = _head_split(head_path, meta)
     if seen is None:
-        return [""] * len(names)
+        return None
     dataset = head_dataset(meta)
     accession = "group_by" in seen and (seen["group_by"] == "accession").any()
     by_name, by_patient = {}, {}
@@ -187,6 +188,21 @@ def seen_by_head(head_path: str | Path | None, meta: dict, names: list[str]) -> 
         out.append(by_name.get(Path(name).name.lower()) or (
             f"{by_patient[patient]} patient" if patient in by_patient else ""))  # fmt: skip
     return out
+
+
+def unchecked_note(head_path: str | Path | None, meta: dict, names: list[str]) -> str:
+    """One sentence when inputs are named like the head's dataset but its split is unknown:
+    they may be images it was trained on, and nothing here can tell."""
+    dataset = head_dataset(meta)
+    named = sum(patient_of(n, dataset) is not None for n in names)
+    if not named:
+        return ""
+    where = f"beside {Path(head_path).name}" if head_path else "with a head held in memory"
+    return (
+        f"{named} input(s) are named like {DATASETS[dataset][0]} images, but no split.csv "
+        f"{where} lists its fold's train and val images, so whether it was trained or "
+        "selected on them was not checked; keep the head in its run folder to check."
+    )
 
 
 def seen_warning(sides: list[str]) -> str:
@@ -349,7 +365,10 @@ class Classifier:
             df["stain_note"] = notes
         for msg in filter(None, errors + notes):
             log.warning("%s", msg)
-        seen = seen_warning(seen_by_head(self.source, self.meta, names))
+        sides = seen_by_head(self.source, self.meta, names)
+        if sides is None and (note := unchecked_note(self.source, self.meta, names)):
+            log.info("%s", note)
+        seen = seen_warning(sides or [])
         for warning in (domain_warning(names, sizes, self.dataset, self.classes), seen):
             if warning:
                 log.warning("%s", warning)

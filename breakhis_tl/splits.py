@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from breakhis_tl.errors import UserError
-from breakhis_tl.index import BREAKHIS_CLASSES, IDC_CLASSES, SUBTYPES
+from breakhis_tl.index import BREAKHIS_CLASSES, IDC_CLASSES, SUBTYPES, accession_of
 from breakhis_tl.leakage import check_no_leakage
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def apply_group_by(index: pd.DataFrame, group_by: str = "slide") -> pd.DataFrame
         raise UserError(f"Unknown --group-by {group_by!r}; choose one of: {', '.join(GROUP_BY)}.")
     slide = index["slide"] if "slide" in index else index["patient"]
     if group_by == "accession":
-        return index.assign(patient=slide.astype(str).str.extract(r"^(\d+)", expand=False))
+        return index.assign(patient=slide.astype(str).map(accession_of))
     return index.assign(patient=slide.astype(str))
 
 
@@ -283,7 +283,7 @@ def eva_split(df: pd.DataFrame, target: str, seed: int, val_frac: float, holdout
 def _drop_accession_kin(out: pd.DataFrame) -> pd.DataFrame:
     """An untouched test set shares no accession number with training: slides such as
     16184/16184CD or 18842/18842D may be one patient, so their train side is dropped."""
-    acc = out["slide"].astype(str).str.extract(r"^(\d+)", expand=False)
+    acc = out["slide"].astype(str).map(accession_of)
     held = set(acc[out["split"] == "test"])
     kin = (out["split"] == "train") & acc.isin(held)
     if kin.any():

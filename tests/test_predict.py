@@ -292,6 +292,23 @@ def test_seen_by_head_reads_the_heads_own_fold(tmp_path):
     assert seen_by_head(idc / "h.pt", meta, ["SOB_B_A-14-10253-100-009.png"]) == ["train patient"]
 
 
+def test_unreadable_split_is_not_checked_rather_than_clear(tmp_path):
+    """A head alone, or one whose fold has no row in split.csv, cannot tell whether an input
+    was trained on: None (not [""]) and a sentence, for inputs named like its dataset only."""
+    from breakhis_tl.predict import seen_by_head, unchecked_note
+
+    name = "SOB_B_F-14-25197-40-001.png"
+    meta = {"fold": 3, "dataset": "breakhis"}
+    assert seen_by_head(tmp_path / "h.pt", meta, [name]) is None
+    pd.DataFrame({"path": [f"x/{name}"], "split": ["train"], "fold": [1]}).to_csv(
+        tmp_path / "split.csv", index=False)  # fmt: skip
+    assert seen_by_head(tmp_path / "h.pt", meta, [name]) is None  # fold 3 is not there
+    assert seen_by_head(tmp_path / "h.pt", {**meta, "fold": 1}, [name]) == ["train"]
+    note = unchecked_note(tmp_path / "h.pt", meta, [name, "photo.png"])
+    assert note.startswith("1 input(s) are named like BreakHis images") and "h.pt" in note
+    assert unchecked_note(tmp_path / "h.pt", meta, ["photo.png"]) == ""
+
+
 def test_seen_by_head_keys_patients_as_the_split_did(tmp_path):
     """Under --group-by accession, slides 22549AB and 22549CD are one patient."""
     from breakhis_tl.predict import seen_by_head
