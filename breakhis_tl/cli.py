@@ -12,6 +12,9 @@ from breakhis_tl.errors import UserError
 log = logging.getLogger("breakhis_tl")
 
 
+WORKERS_HELP = "DataLoader worker processes (default: cores - 1, at most 4, at least 2 on 2+ cores)"
+
+
 def _number(kind: type, low: float, low_ok: bool, high: float | None, rule: str):
     """An argparse type: `kind` within [low or (low, high), with the rule said in words."""
 
@@ -243,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute mode of the backbones: auto (the fastest measured here whose features "
         "match fp32), fp32 or bf16",
     )
-    p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
+    p.add_argument("--workers", type=nonneg_int, default=None, help=WORKERS_HELP)
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
     p.add_argument("--run", default=None, help="run name (default: a timestamp)")
     p.add_argument(
@@ -272,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
-    p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
+    p.add_argument("--workers", type=nonneg_int, default=None, help=WORKERS_HELP)
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
     p.add_argument("--out", default=".", help="folder holding data/ (default: .)")
 
@@ -290,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam", default=None, metavar="DIR", help="write Grad-CAM overlays here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
+    p.add_argument("--workers", type=nonneg_int, default=None, help=WORKERS_HELP)
     p.add_argument(
         "--labels",
         choices=("auto", "none"),
@@ -319,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average the 8 flips/90-degree rotations")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers")
+    p.add_argument("--workers", type=nonneg_int, default=None, help=WORKERS_HELP)
     return parser
 
 

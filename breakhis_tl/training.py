@@ -205,7 +205,7 @@ def end_to_end_batches(
     """Every epoch, every training image through the frozen backbone with online augmentation:
     what most tutorials do, and the baseline the feature cache is measured against. `stain`
     (a StainSetup) normalises each image and, with stain views, jitters it afresh each epoch."""
-    from breakhis_tl.dataset import ImageDataset, OnlineStain, make_loader
+    from breakhis_tl.dataset import EpochShuffle, ImageDataset, OnlineStain, make_loader
     from breakhis_tl.features import run_backbone
     from breakhis_tl.transforms import train_preset
 
@@ -213,12 +213,13 @@ def end_to_end_batches(
     if stain is not None and (stain.method != "none" or stain.views):
         transform = OnlineStain(stain, transform)
     ds = ImageDataset(paths, transform, labels.tolist())
+    order = EpochShuffle(len(ds), seed)
+    loader = make_loader(ds, batch_size, workers, seed=seed, sampler=order, persistent=True)
 
     def batches(epoch: int) -> Batches:
-        torch.manual_seed(seed * 1000 + epoch)
-        for x, y, _, _, _ in make_loader(
-            ds, batch_size, workers, shuffle=True, seed=seed * 1000 + epoch
-        ):
+        torch.manual_seed(seed * 1000 + epoch)  # augmentation in this process (no workers)
+        order.epoch = epoch
+        for x, y, _, _, _ in loader:
             if x is not None:
                 # a clone outside inference mode, so autograd may use it in the head
                 yield run_backbone(backbone, x.to(device), path).clone(), y
@@ -234,20 +235,29 @@ def end_to_end_features(
     path,
     workers: int | None = None,
     stain=None,
+    keep: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
     """Eval-preset features of `paths` computed now (no cache): (features, ok mask, and the
-    images whose stain normalisation failed, by position, with why)."""
+    images whose stain normalisation failed, by position, with why). `keep`: a dict that
+    holds these paths' loader, workers alive, for the next call (every epoch's validation)."""
     from breakhis_tl.dataset import StainedImages, collate_noted, make_loader
     from breakhis_tl.features import run_backbone
     from breakhis_tl.stain import StainSetup
     from breakhis_tl.transforms import decode_transform, normalize
 
-    stain = stain or StainSetup()
-    ds = StainedImages(paths, decode_transform(backbone.prep), stain, paths, [1] * len(paths))
+    key = tuple(paths)
+    loader = keep.get(key) if keep is not None else None
+    if loader is None:
+        stain = stain or StainSetup()
+        ds = StainedImages(paths, decode_transform(backbone.prep), stain, paths, [1] * len(paths))
+        loader = make_loader(ds, batch_size, workers, collate_fn=collate_noted,
+                             persistent=keep is not None)  # fmt: skip
+        if keep is not None:
+            keep[key] = loader
     feats = torch.zeros(len(paths), backbone.feature_dim)
     ok = torch.zeros(len(paths), dtype=torch.bool)
     notes: dict[int, str] = {}
-    for x, _, idx, _, _, noted in make_loader(ds, batch_size, workers, collate_fn=collate_noted):
+    for x, _, idx, _, _, noted in loader:
         notes.update(noted)
         if x is not None:
             x = normalize(x[:, 0].to(device), backbone.prep)
