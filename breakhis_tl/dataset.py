@@ -64,7 +64,7 @@ class StainedImages(ImageDataset):
 
 class OnlineStain:
     """End-to-end training's stain step: normalise, then a random stain view in 0..views
-    (drawn from torch's generator, which the DataLoader seeds per epoch and worker)."""
+    (drawn from torch's generator, which `EpochSeeded` seeds per epoch and image)."""
 
     def __init__(self, stain, transform: Callable):
         self.stain, self.transform = stain, transform
@@ -130,19 +130,38 @@ def make_loader(
     )
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(Sampler[tuple[int, int]]):
     """A seeded order per epoch (set `epoch` before each pass) from one loader, so its
-    workers can persist: the order depends on the seed and the epoch alone."""
+    workers can persist: the order depends on the seed and the epoch alone. It yields
+    (image, epoch) keys for `EpochSeeded`."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter((i, self.epoch) for i in torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:
         return self.n
+
+
+class EpochSeeded(Dataset):
+    """Each image's random augmentation drawn from its own seed (run seed, epoch, image):
+    persistent workers are seeded only once, so without it an epoch's augmentation would
+    depend on the epochs before it and on the number of workers."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, epoch = key
+        with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + i) % 2**63)
+            return self.dataset[i]
 
 
 def default_workers() -> int:

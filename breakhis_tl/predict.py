@@ -199,7 +199,7 @@ def unchecked_note(head_path: str | Path | None, meta: dict, names: list[str]) -
         return ""
     where = f"beside {Path(head_path).name}" if head_path else "with a head held in memory"
     return (
-        f"{named} input(s) are named like {DATASETS[dataset][0]} images, but no split.csv "
+        f"{named} input(s) are named like {DATASETS[dataset][0]} images, but no readable split.csv "
         f"{where} lists its fold's train and val images, so whether it was trained or "
         "selected on them was not checked; keep the head in its run folder to check."
     )
@@ -366,13 +366,15 @@ class Classifier:
         for msg in filter(None, errors + notes):
             log.warning("%s", msg)
         sides = seen_by_head(self.source, self.meta, names)
-        if sides is None and (note := unchecked_note(self.source, self.meta, names)):
-            log.info("%s", note)
         seen = seen_warning(sides or [])
         for warning in (domain_warning(names, sizes, self.dataset, self.classes), seen):
             if warning:
                 log.warning("%s", warning)
-        return self._with_labels(df) if labels == "auto" else df
+        out = self._with_labels(df) if labels == "auto" else df
+        if sides is None and (note := unchecked_note(self.source, self.meta, names)):
+            # scored, "not checked" must not pass for "clear"; else a note is enough
+            log.log(logging.WARNING if "label" in out else logging.INFO, "%s", note)
+        return out
 
     def _with_labels(self, df: pd.DataFrame) -> pd.DataFrame:
         from breakhis_tl.evaluate import labels_from_names

@@ -205,25 +205,31 @@ def end_to_end_batches(
     """Every epoch, every training image through the frozen backbone with online augmentation:
     what most tutorials do, and the baseline the feature cache is measured against. `stain`
     (a StainSetup) normalises each image and, with stain views, jitters it afresh each epoch."""
-    from breakhis_tl.dataset import EpochShuffle, ImageDataset, OnlineStain, make_loader
+    from breakhis_tl.dataset import (
+        EpochSeeded,
+        EpochShuffle,
+        ImageDataset,
+        OnlineStain,
+        make_loader,
+    )
     from breakhis_tl.features import run_backbone
     from breakhis_tl.transforms import train_preset
 
     transform = train_preset(backbone.prep)
     if stain is not None and (stain.method != "none" or stain.views):
         transform = OnlineStain(stain, transform)
-    ds = ImageDataset(paths, transform, labels.tolist())
+    ds = EpochSeeded(ImageDataset(paths, transform, labels.tolist()), seed)
     order = EpochShuffle(len(ds), seed)
     loader = make_loader(ds, batch_size, workers, seed=seed, sampler=order, persistent=True)
 
     def batches(epoch: int) -> Batches:
-        torch.manual_seed(seed * 1000 + epoch)  # augmentation in this process (no workers)
         order.epoch = epoch
         for x, y, _, _, _ in loader:
             if x is not None:
                 # a clone outside inference mode, so autograd may use it in the head
                 yield run_backbone(backbone, x.to(device), path).clone(), y
 
+    batches.loader = loader  # its workers live as long as this function
     return batches
 
 

@@ -75,3 +75,15 @@ def torch_arange():
     import torch
 
     return torch.arange(16).reshape(1, 4, 4)
+
+
+def test_default_workers_follow_the_usable_cores(monkeypatch):
+    """A core per worker beside the main process, at most 4; 2 on a 2-core machine, where 1
+    worker was measured slowest (README, Performance); none on one core."""
+    import breakhis_tl.dataset as dataset
+
+    got = {}
+    for cores in (1, 2, 3, 5, 16):
+        monkeypatch.setattr(dataset, "usable_cores", lambda c=cores: c)
+        got[cores] = dataset.default_workers()
+    assert got == {1: 0, 2: 2, 3: 2, 5: 4, 16: 4}

@@ -236,7 +236,7 @@ def test_predict_says_which_inputs_the_head_was_fit_or_selected_on(
     """Labels scored on a head's own training or validation images, or on other images of
     those patients, flatter it: predict counts them by the run's split.csv, by file name
     wherever the copy lies and by patient; held-out patients, and a head copied away from
-    its run (no split.csv beside it), raise no such warning."""
+    its run (no split.csv beside it) says it could not check: a warning when scored."""
     import shutil
 
     split = pd.read_csv(head_file.parent / "split.csv")
@@ -261,10 +261,17 @@ def test_predict_says_which_inputs_the_head_was_fit_or_selected_on(
     held_out = [full[r] for r in split.loc[split["split"] == "test", "path"]]
     with caplog.at_level("WARNING", logger="breakhis_tl.predict"):
         clf.predict(held_out, progress=False)
-        alone = tmp_path / "alone.pt"
-        shutil.copy(head_file, alone)
-        Classifier.from_head(alone, device="cpu").predict(list(full.values()), progress=False)
     assert "trained or selected on" not in caplog.text
+    alone = tmp_path / "alone.pt"
+    shutil.copy(head_file, alone)
+    lone = Classifier.from_head(alone, device="cpu")
+    for labels, level in (("auto", "WARNING"), ("none", "INFO")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="breakhis_tl.predict"):
+            lone.predict(held_out, progress=False, labels=labels)
+        (note,) = [r for r in caplog.records if "was not checked" in r.getMessage()]
+        assert note.levelname == level and "beside alone.pt" in note.getMessage()
+        assert "of patients, this head was trained" not in caplog.text
 
 
 def test_seen_by_head_reads_the_heads_own_fold(tmp_path):

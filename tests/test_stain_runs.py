@@ -121,7 +121,8 @@ def test_no_cache_path_normalises_like_the_cache(paths, lite0):
 def test_end_to_end_loaders_keep_their_workers_across_epochs(paths, lite0):
     """The end-to-end baseline iterates the same images every epoch: its workers start once
     (starting them each epoch cost it about a quarter of an epoch on 2 cores), the features
-    stay the same, and the training order still depends on the seed and epoch alone."""
+    stay the same, and an epoch's order and augmentation depend on the seed and epoch alone,
+    not on the epochs before it or the number of workers."""
     from breakhis_tl.training import end_to_end_batches
 
     keep = {}
@@ -131,12 +132,22 @@ def test_end_to_end_loaders_keep_their_workers_across_epochs(paths, lite0):
     again, ok2, _ = end_to_end_features(lite0, paths[:6], 4, "cpu", FP32, 1, keep=keep)
     assert list(keep.values()) == [loader] and [w.pid for w in loader._iterator._workers] == pids
     assert ok1.all() and ok2.all() and torch.equal(first, again)
+
+    def epoch(batches, e):
+        xs, ys = zip(*batches(e), strict=True)
+        return torch.cat(xs), torch.cat(ys).tolist()
+
     labels = np.arange(6)
     one = end_to_end_batches(lite0, paths[:6], labels, 2, 7, "cpu", FP32, workers=1)
-    two = end_to_end_batches(lite0, paths[:6], labels, 2, 7, "cpu", FP32, workers=1)
-    order = [torch.cat([y for _, y in one(e)]).tolist() for e in (1, 2)]
-    assert sorted(order[0]) == list(range(6)) and order[0] != order[1]
-    assert torch.cat([y for _, y in two(2)]).tolist() == order[1]  # epoch 1 skipped
+    x1, y1 = epoch(one, 1)
+    pids = [w.pid for w in one.loader._iterator._workers]
+    x2, y2 = epoch(one, 2)
+    assert [w.pid for w in one.loader._iterator._workers] == pids
+    assert sorted(y1) == list(range(6)) and y1 != y2 and not torch.equal(x1, x2)
+    for workers in (1, 0):  # epoch 1 skipped; in this process or a worker
+        fresh = end_to_end_batches(lite0, paths[:6], labels, 2, 7, "cpu", FP32, workers=workers)
+        x, y = epoch(fresh, 2)
+        assert y == y2 and torch.equal(x, x2)
 
 
 def _train(tree, out, run, archs=("efficientnet_lite0",), **kw):
