@@ -313,11 +313,13 @@ class Classifier:
         """Probabilities (NaN rows for unreadable inputs), error messages, the original sizes
         of the readable images and the stain-normalisation failures."""
         has_pil = any(isinstance(i, Image.Image) for i in items)
+        workers = default_workers() if workers is None else workers
+        batches = -(-len(items) // batch_size)  # a worker builds whole batches: no more needed
         loader = DataLoader(
             _InputDataset(items, self.prep, self.stain),
             batch_size=batch_size,
             collate_fn=collate_noted,
-            num_workers=0 if has_pil else (default_workers() if workers is None else workers),
+            num_workers=0 if has_pil else min(workers, batches),
         )
         probs = np.full((len(items), len(self.classes)), np.nan)
         errors, sizes, notes = [""] * len(items), [], [""] * len(items)
