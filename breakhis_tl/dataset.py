@@ -139,8 +139,9 @@ class EpochShuffle(Sampler[tuple[int, int]]):
         self.n, self.seed, self.epoch = n, seed, 0
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        return iter((i, self.epoch) for i in torch.randperm(self.n, generator=g).tolist())
+        epoch = self.epoch  # fixed for the pass, whatever changes it meanwhile
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        return iter([(i, epoch) for i in torch.randperm(self.n, generator=g).tolist()])
 
     def __len__(self) -> int:
         return self.n

@@ -87,3 +87,30 @@ def test_default_workers_follow_the_usable_cores(monkeypatch):
         monkeypatch.setattr(dataset, "usable_cores", lambda c=cores: c)
         got[cores] = dataset.default_workers()
     assert got == {1: 0, 2: 2, 3: 2, 5: 4, 16: 4}
+
+
+def test_epoch_seeded_draws_per_image_and_epoch_and_leaves_the_callers_generator():
+    """Each (image, epoch) key gets its own draw, the same key the same draw, and the
+    caller's random stream (the head's, with no workers) is left where it was."""
+    import torch
+    from torch.utils.data import Dataset
+
+    from breakhis_tl.dataset import EpochSeeded, EpochShuffle
+
+    class Draws(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return float(torch.rand(()))
+
+    ds, state = EpochSeeded(Draws(), seed=3), torch.get_rng_state()
+    draws = {(i, e): ds[(i, e)] for i in range(4) for e in (1, 2)}
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(set(draws.values())) == 8 and ds[(2, 1)] == draws[(2, 1)]
+    assert EpochSeeded(Draws(), seed=4)[(2, 1)] != draws[(2, 1)]
+    order = EpochShuffle(4, seed=3)
+    order.epoch = 2
+    keys = iter(order)
+    order.epoch = 3  # a pass in progress keeps its epoch
+    assert {e for _, e in keys} == {2}
