@@ -72,19 +72,22 @@ def weights_file(arch: str, data: Path, work: Path) -> str:
     """A batch-norm-calibrated random init of `arch` saved as a weights file: what a
     downloaded checkpoint costs (the same network, no calibration in the run) where ImageNet
     weights cannot be downloaded. Its accuracy means nothing; its seconds are a checkpoint's."""
+    import hashlib
+
     import torch
     from torchvision import models
 
     from breakhis_tl.calibration import calibrate
+    from breakhis_tl.runner import prepare_data, resolve_protocol
+    from breakhis_tl.splits import class_names
 
-    path = work / f"{arch}_calibrated_random.pt"
+    cfg = resolve_protocol(RunConfig(data=str(data), archs=[arch]))  # the runs' split
+    (_, split), *_ = prepare_data(cfg, "binary", class_names("binary", "breakhis")).plan.folds
+    train = split.loc[split["split"] == "train", "path"].tolist()  # never val or test
+    # named by its calibration images: a file made from other images is never reused
+    digest = hashlib.sha256("\n".join(sorted(train)).encode()).hexdigest()[:12]
+    path = work / f"{arch}_calibrated_random_{digest}.pt"
     if not path.is_file():
-        from breakhis_tl.runner import prepare_data, resolve_protocol
-        from breakhis_tl.splits import class_names
-
-        cfg = resolve_protocol(RunConfig(data=str(data), archs=[arch]))  # the runs' split
-        (_, split), *_ = prepare_data(cfg, "binary", class_names("binary", "breakhis")).plan.folds
-        train = split.loc[split["split"] == "train", "path"].tolist()  # never val or test
         bb = calibrate(build_backbone(arch, "none", seed=0), train, seed=0)
         state = models.get_model(arch, weights=None).state_dict()  # with its classifier
         state.update(bb.module.state_dict())

@@ -129,6 +129,11 @@ def make_loader(
     )
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's order, the cached and the end-to-end training alike."""
+    return seed * 100_003 + epoch
+
+
 class EpochShuffle(Sampler[tuple[int, int]]):
     """A seeded order per epoch (set `epoch` before each pass) from one loader, so its
     workers can persist: the order depends on the seed and the epoch alone. It yields
@@ -139,7 +144,7 @@ class EpochShuffle(Sampler[tuple[int, int]]):
 
     def __iter__(self):
         epoch = self.epoch  # fixed for the pass, whatever changes it meanwhile
-        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         return iter([(i, epoch) for i in torch.randperm(self.n, generator=g).tolist()])
 
     def __len__(self) -> int:
@@ -166,8 +171,8 @@ class EpochSeeded(Dataset):
 
 def default_workers() -> int:
     """A core per worker beside the main process, at most 4; but 2 on a 2-core machine,
-    where 1 was measured the slowest of 0, 1 and 2 workers for extraction, end-to-end
-    epochs and calibration alike (README, Performance)."""
+    where 1 was measured the slowest of 0, 1 and 2 workers for extraction and for end-to-end
+    epochs with their loaders kept, and 2 the fastest for calibration (README, Performance)."""
     cores = usable_cores()
     return 0 if cores < 2 else min(4, max(2, cores - 1))
 

@@ -103,13 +103,14 @@ def training_data(ctx, job: HeadJob) -> TrainingData:
         batches = end_to_end_batches(bb, [paths[i] for i in tr], job.y[tr], t.batch_size,
                                      job.seed, ctx.device, fp, workers, ctx.stain)  # fmt: skip
 
-        loaders = {}  # each side's loader, its workers kept from one epoch to the next
+        loaders = {}  # the val loader, its workers kept from one epoch to the next
 
         def eval_feats(s):
             idx = np.flatnonzero(side == s)
             chosen = [paths[i] for i in idx]
             f, ok, notes = end_to_end_features(bb, chosen, cfg.extract_batch, ctx.device, fp,
-                                               workers, ctx.stain, loaders)  # fmt: skip
+                                               workers, ctx.stain,
+                                               loaders if s == "val" else None)  # fmt: skip
             ctx.fallbacks.update({chosen[i]: msg for i, msg in notes.items()})
             return f[ok], idx[ok.numpy()]
 

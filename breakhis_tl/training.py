@@ -18,6 +18,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
+from breakhis_tl.dataset import epoch_seed
 from breakhis_tl.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def feature_batches(
     """
 
     def batches(epoch: int) -> Batches:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         order = torch.randperm(len(y), generator=g)
         for i in range(0, len(order), batch_size):
             j = order[i : i + batch_size]
@@ -229,7 +230,7 @@ def end_to_end_batches(
                 # a clone outside inference mode, so autograd may use it in the head
                 yield run_backbone(backbone, x.to(device), path).clone(), y
 
-    batches.loader = loader  # its workers live as long as this function
+    batches.loader = loader  # for a look at its workers (tests); the closure keeps it alive
     return batches
 
 

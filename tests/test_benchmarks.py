@@ -43,6 +43,7 @@ CASES = {
             "end_to_end_epoch_seconds",
             "cached_fixed_seconds",
             "cached_test_balanced_accuracy",
+            "end_to_end_test_balanced_accuracy",
             "end_to_end_seconds",
             "speedup",
             "cached_val_balanced_accuracy",
@@ -87,6 +88,8 @@ def test_benchmark_runs_and_prints_json(script, tmp_path):
         assert 0 < first["shared_seconds"] < first["cached_seconds"]
         assert first["end_to_end_epoch_seconds"] > first["cached_epoch_seconds"]
         assert 0 <= first["cached_test_balanced_accuracy"] <= 1
+        assert first["cached_compute"] == first["end_to_end_compute"]  # one mode both sides
+        assert 1 <= first["cached_best_epoch"] <= 2 and 1 <= first["end_to_end_best_epoch"] <= 2
 
 
 def run_json(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -259,4 +262,27 @@ def test_cached_vs_end_to_end_from_a_weights_file(tmp_path):
     _, records = run_json(cmd)
     (record,) = records
     assert record["weights"] == "file (calibrated random init)"
-    assert (tmp_path / "mobilenet_v2_calibrated_random.pt").is_file()
+    assert len(list(tmp_path.glob("mobilenet_v2_calibrated_random_*.pt"))) == 1
+
+
+def test_stand_in_checkpoint_is_calibrated_on_the_runs_training_images(tmp_path, monkeypatch):
+    """The stand-in's batch-norm statistics come from the timed runs' train side only (it
+    once took the first 64 images, val among them), and its file is named by those images."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import cached_vs_end_to_end as bench
+    from common import make_tree
+
+    import breakhis_tl.calibration as calibration
+    from breakhis_tl.runner import RunConfig, prepare_data, resolve_protocol
+    from breakhis_tl.splits import class_names
+
+    data = make_tree(tmp_path / "images", 16)
+    seen = []
+    monkeypatch.setattr(calibration, "calibrate", lambda bb, paths, seed: seen.append(paths) or bb)
+    path = bench.weights_file("mobilenet_v2", data, tmp_path)
+    cfg = resolve_protocol(RunConfig(data=str(data), archs=["mobilenet_v2"]))
+    (_, split), *_ = prepare_data(cfg, "binary", class_names("binary", "breakhis")).plan.folds
+    assert sorted(seen[0]) == sorted(split.loc[split["split"] == "train", "path"])
+    assert set(split["split"]) >= {"val", "test"}
+    bench.weights_file("mobilenet_v2", data, tmp_path)  # the same images: the file is reused
+    assert len(seen) == 1 and Path(path).is_file()
