@@ -697,10 +697,11 @@ def write_run_outputs(ctx: _Context, results, history, predictions, done) -> Non
     }, models / "config.json")  # fmt: skip
     histories = {d["name"]: d["history"] for d in done}
     groups = {d["name"]: d["arch"] for d in done}
+    if len(histories) < 2:  # one head: its curves figure already draws these val lines
+        return
     for metric in CURVE_METRICS + ("balanced_accuracy", "loss"):
-        if histories:
-            path = ctx.folders["graphs"] / f"compare_{metric}.png"
-            plot_comparison(histories, metric, ctx.run, path, groups=groups)
+        path = ctx.folders["graphs"] / f"compare_{metric}.png"
+        plot_comparison(histories, metric, ctx.run, path, groups=groups)
 
 
 def _resolve_data_quiet(cfg: RunConfig) -> str:

@@ -40,15 +40,9 @@ def test_run_writes_heads_results_logs_and_graphs(sample_run):
     assert len(history) == res.results["epochs_run"].iloc[0] and "val_f1" in history
     preds = pd.read_csv(models / "predictions.csv")
     assert np.allclose(preds[["prob_benign", "prob_malignant"]].sum(axis=1), 1, atol=1e-5)
-    for name in (
-        "efficientnet_lite0_curves.png",
-        "efficientnet_lite0_confusion.png",
-        "compare_accuracy.png",
-        "compare_precision.png",
-        "compare_recall.png",
-        "compare_f1.png",
-    ):
+    for name in ("efficientnet_lite0_curves.png", "efficientnet_lite0_confusion.png"):
         assert (graphs / name).stat().st_size > 5000
+    assert not list(graphs.glob("compare_*.png"))  # one head: nothing to compare
     acc = EventAccumulator(str(logs / "efficientnet_lite0")).Reload()
     tags = acc.Tags()
     assert {"balanced_accuracy/val", "f1/val", "accuracy/train", "loss/val"} <= set(tags["scalars"])
@@ -66,6 +60,18 @@ def test_second_run_extracts_nothing_and_matches(sample_run, caplog):
     assert second.cache_used and "Feature cache used: nothing extracted" in caplog.text
     cols = ["balanced_accuracy", "accuracy", "f1", "auc", "patient_rate"]
     pd.testing.assert_frame_equal(first.results[cols], second.results[cols])
+
+
+def test_comparison_figures_need_two_heads(sample_run):
+    """Two repeats from the sample's cache: a mean ± std band over both, per metric."""
+    from breakhis_tl.plots import CURVE_METRICS
+
+    cfg, _ = sample_run
+    res = run_training(dataclasses.replace(cfg, run="two_heads", repeats=2), command="pytest")
+    graphs = res.folders["graphs"]
+    assert len(res.heads) == 2
+    for metric in CURVE_METRICS + ("balanced_accuracy", "loss"):
+        assert (graphs / f"compare_{metric}.png").stat().st_size > 5000
 
 
 def test_resnet50_pretrained_cannot_work_offline_and_says_why(
