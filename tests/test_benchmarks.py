@@ -53,6 +53,10 @@ CASES = {
             "end_to_end_compute",
         },
     ),
+    "loader_workers.py": (
+        "--images 8 --workers 0,1 --threads 1 --repeats 2".split(),
+        {"workers", "torch_threads", "default", "seconds", "spread", "vs_default"},
+    ),
     "scale.py": (
         "--images 24 --epochs 2 --probe-images 2 --workers 0 --archs mobilenet_v2 "
         "--compute default".split(),
@@ -90,6 +94,12 @@ def test_benchmark_runs_and_prints_json(script, tmp_path):
         assert 0 <= first["cached_test_balanced_accuracy"] <= 1
         assert first["cached_compute"] == first["end_to_end_compute"]  # one mode both sides
         assert 1 <= first["cached_best_epoch"] <= 2 and 1 <= first["end_to_end_best_epoch"] <= 2
+    if script == "loader_workers.py":  # every setting asked, and the default beside them
+        settings = {(r["workers"], r["torch_threads"]) for r in records}
+        assert {(0, 1), (1, 1)} <= settings and len(records) == len(settings)
+        (default,) = [r for r in records if r["default"]]
+        assert default["vs_default"] == 1.0 and all(r["seconds"] > 0 for r in records)
+        assert all(r["spread"]["min"] <= r["seconds"] <= r["spread"]["max"] for r in records)
 
 
 def run_json(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
