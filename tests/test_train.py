@@ -63,7 +63,8 @@ def test_second_run_extracts_nothing_and_matches(sample_run, caplog):
 
 
 def test_comparison_figures_need_two_heads(sample_run):
-    """Two repeats from the sample's cache: a mean ± std band over both, per metric."""
+    """Two repeats from the sample's cache: one comparison figure per metric over both heads
+    (folds and architectures count as heads alike: `done` holds one entry per head)."""
     from breakhis_tl.plots import CURVE_METRICS
 
     cfg, _ = sample_run
