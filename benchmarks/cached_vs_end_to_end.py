@@ -46,10 +46,12 @@ from common import (
     make_tree,
     parser,
     pick_weights,
+    positive,
     spread,
     table,
     warm_dispatch,
     weights_file,
+    weights_label,
     workdir,
 )
 
@@ -93,15 +95,17 @@ def stage_medians(runs: list[dict]) -> dict:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--arch", default="efficientnet_lite0")
-    p.add_argument("--images", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--images", type=positive, default=96)
+    p.add_argument("--epochs", type=positive, default=10)
     p.add_argument(
         "--head",
         default="linear",
         choices=("linear", "mlp"),
         help="an epoch head (logreg has none: both sides would be one run)",
     )
-    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds (median of these)")
+    p.add_argument(
+        "--repeats", type=positive, default=1, help="interleaved rounds (median of these)"
+    )
     p.add_argument("--workers", type=int, default=None)
     p.add_argument(
         "--weights",
@@ -134,7 +138,7 @@ def main() -> None:
     e_own = statistics.median(x["seconds"] - x["shared"] for x in runs["end_to_end"])
     record = {
         "benchmark": "cached_vs_end_to_end", **machine(args.device), "arch": args.arch,
-        "weights": weights if weights in ("default", "none") else "file (calibrated random init)",
+        "weights": weights_label(weights),
         "head": args.head, "images": args.images, "epochs": args.epochs,
         "repeats": args.repeats,
         "cached_seconds": round(statistics.median(c), 2), "cached_spread": spread(c),

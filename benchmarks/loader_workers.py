@@ -5,8 +5,9 @@ process runs the backbone on torch's intra-op threads; on a small machine both c
 the same cores, so the best setting depends on the machine and the backbone (the default
 worker count, `dataset.default_workers`, came from an earlier sweep of this kind). Each
 setting (workers x threads) runs `extract` (features only, as `train` computes them) on the
-generated tree from a cold cache, the whole command timed (index, backbone load and pixel
-hashes included: `run_images_per_s` is images over those seconds). The compute mode is
+generated tree from a cold cache, the whole `run_extraction` call (what `extract` runs) timed
+in this process (index, backbone load and pixel hashes included: `run_images_per_s` is
+images over those seconds). The compute mode is
 decided before any clock starts and each row reports the mode its runs used; one untimed
 extract at the default setting warms the process first. Settings run interleaved, in an
 order that rotates round by round; each row is the median [min, max] of its runs, and
@@ -35,13 +36,16 @@ from common import (
     make_tree,
     parser,
     pick_weights,
+    positive,
     spread,
     table,
     warm_dispatch,
     weights_file,
+    weights_label,
     workdir,
 )
 
+from breakhis_tl.backbones import REGISTRY
 from breakhis_tl.dataset import default_workers
 from breakhis_tl.runner import RunConfig, run_extraction
 
@@ -79,13 +83,17 @@ def counts(text: str, least: int) -> list[int]:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--arch", default="efficientnet_lite0")
-    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--images", type=positive, default=96)
     p.add_argument("--workers", type=lambda t: counts(t, 0), default=[0, 1, 2],
                    help="comma list of loader worker counts (default 0,1,2)")  # fmt: skip
     p.add_argument("--threads", type=lambda t: counts(t, 1), default=None,
                    help="comma list of torch threads (default: torch's own count)")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median of these)")
+    p.add_argument(
+        "--repeats", type=positive, default=3, help="interleaved rounds (median of these)"
+    )
     args = p.parse_args()
+    if args.arch not in REGISTRY:
+        p.error(f"{args.arch}: a registry backbone ({', '.join(REGISTRY)})")
     work = workdir(args.workdir, "loader_workers")
     data = make_tree(work / f"images{args.images}", args.images)
     own = torch.get_num_threads()
@@ -105,7 +113,7 @@ def main() -> None:
             seconds, mode = timed_extract(data, work, args.arch, weights, args.device, w, t)
             times[(w, t)].append(seconds)
             modes[(w, t)].add(mode)
-    emit_rows(args, times, modes, default, dispatch)
+    emit_rows(args, times, modes, default, {"weights": weights_label(weights), **dispatch})
 
 
 def emit_rows(args, times: dict, modes: dict, default: tuple[int, int], dispatch: dict) -> None:

@@ -142,16 +142,23 @@ REGISTRY: dict[str, BackboneSpec] = {
 }
 
 
+def imagenet_file(name: str) -> Path:
+    """Where torch's hub cache keeps torchvision's default ImageNet checkpoint of `name` (the
+    file `build_backbone(name, "default")` loads, downloading it first if it is missing)."""
+    from torchvision import models
+
+    url = models.get_model_weights(name).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def _torchvision_weights(name: str):
     """The default ImageNet weights, or one sentence on where to put the file when offline."""
     from torchvision import models
 
-    weights = models.get_model_weights(name).DEFAULT
-    filename = os.path.basename(weights.url)
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    if not (folder / filename).is_file() and os.environ.get(OFFLINE_ENV):
-        raise UserError(_missing_weights(name, filename, folder))
-    return weights
+    path = imagenet_file(name)
+    if not path.is_file() and os.environ.get(OFFLINE_ENV):
+        raise UserError(_missing_weights(name, path.name, path.parent))
+    return models.get_model_weights(name).DEFAULT
 
 
 def _missing_weights(name: str, filename: str, folder: Path) -> str:
@@ -199,7 +206,7 @@ def default_weights_id(name: str) -> str:
     from torchvision import models
 
     weights = models.get_model_weights(name).DEFAULT
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    path = imagenet_file(name)
     digest = file_digest(path) if path.is_file() else "unhashed"
     return f"{weights}-{digest}"
 
@@ -346,11 +353,8 @@ def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbo
         raise
     except (OSError, RuntimeError) as exc:
         if weights == "default" and _is_download_failure(exc):
-            from torchvision import models
-
-            url = models.get_model_weights(name).DEFAULT.url
-            folder = Path(torch.hub.get_dir()) / "checkpoints"
-            raise UserError(_missing_weights(name, os.path.basename(url), folder)) from None
+            path = imagenet_file(name)
+            raise UserError(_missing_weights(name, path.name, path.parent)) from None
         if weights not in ("default", "none"):
             raise UserError(f"Weights file {weights} does not fit {name} ({exc}).") from None
         raise

@@ -171,8 +171,9 @@ class EpochSeeded(Dataset):
 
 def default_workers() -> int:
     """A core per worker beside the main process, at most 4; but 2 on a 2-core machine,
-    where 1 was measured the slowest of 0, 1 and 2 workers for extraction and for end-to-end
-    epochs with their loaders kept, and 2 the fastest for calibration (README, Performance)."""
+    where 2 was measured the fastest of 0, 1 and 2 workers, or tied with them, for extraction
+    (benchmarks/loader_workers.py), end-to-end epochs with their loaders kept and
+    calibration (README, Performance)."""
     cores = usable_cores()
     return 0 if cores < 2 else min(4, max(2, cores - 1))
 

@@ -684,7 +684,8 @@ def _collect(done: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
 
 def write_run_outputs(ctx: _Context, results: pd.DataFrame, history: pd.DataFrame,
                       predictions: pd.DataFrame, done: list[dict]) -> None:  # fmt: skip
-    """The run's tables, its config (with each stage's seconds) and its comparison figures."""
+    """The run's tables, its config (with each stage's seconds so far: this stage, timed
+    after, is not in it) and, for two or more heads, its comparison figures."""
     models = ctx.folders["models"]
     atomic_csv(results, models / "results.csv")
     atomic_csv(history, models / "history.csv")

