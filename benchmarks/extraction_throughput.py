@@ -5,9 +5,9 @@ batch, cached under the work folder). Every (architecture, mode) pair runs over 
 decoded images, all pairs interleaved in rotating order and repeated, so the load drift of a
 shared machine falls on all alike; throughput is the median with min and max, and ratios are
 taken from medians. Features are compared with fp32 NCHW by cosine. "unfolded" is the fast
-path without folding (and without the TorchScript/compiled graph). `warmup_s` is this run's
+path without folding. `warmup_s` is this run's
 prepare + first pass (a mode `choose` already built is not built again; its setup time is in
-the dispatch file). `--compile` adds torch.compile modes (30-90 s to compile each).
+the dispatch file).
 
 Architectures are the registry's, `timm:<name>`, or the pathology foundation presets
 (breakhis_tl/foundation.py: uni, uni2_h, virchow2, h_optimus_0, prov_gigapath, ...), each
@@ -72,7 +72,7 @@ from breakhis_tl.transforms import decode_transform, normalize
 
 DEFAULT_ARCHS = "resnet50,densenet121,mobilenet_v2,efficientnet_lite0"
 DEFAULT_BATCH = 32
-_FLAGS = ("channels_last", "folded", "jit", "compiled")
+_FLAGS = ("channels_last", "folded")
 _SHORT = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -121,11 +121,11 @@ def modes(bb, device, x, args) -> tuple[dict[str, F.FastPath], F.FastPath | None
         paths = [F.PLAIN, *args.mode_list]
         return {p.describe(): p for p in paths}, None, None
     t0 = time.perf_counter()
-    fast = F.choose(bb, device, args.precision, args.cache, batch=x[: args.choose_batch],
-                    compile=args.compile)  # fmt: skip
+    fast = F.choose(bb, device, args.precision, args.cache, batch=x[: args.choose_batch])
     choose_s = time.perf_counter() - t0
-    unfolded = dataclasses.replace(fast, folded=False, jit=False)
-    paths = [F.PLAIN, *F.candidates(device, args.compile), fast, unfolded]
+    unfolded = dataclasses.replace(fast, folded=False)
+    paths = [F.PLAIN, *F.candidates(device, None), *F.candidates(device, F.low_dtype(device))]
+    paths += [fast, unfolded]
     return {p.describe(): p for p in paths}, fast, choose_s
 
 
@@ -180,7 +180,7 @@ def setup(archs, paths, device, args, peaks: Peaks) -> tuple[dict, dict]:
         build_peak = peaks.read()
         batch = batch_for(arch, args.batch)
         all_paths, fast, choose_s = modes(bb, device, x, args)
-        unfolded = dataclasses.replace(fast, folded=False, jit=False) if fast else None
+        unfolded = dataclasses.replace(fast, folded=False) if fast else None
         estimate = None
         if foundation.is_foundation(arch):
             estimate = round(foundation.peak_memory_estimate(arch, min(batch, len(x))) / 2**20)
@@ -266,7 +266,6 @@ def main() -> None:
                    help="auto (every candidate and the fast path choose picks) or a comma "
                    "list such as fp32,bf16,bf16 weights (no choose)")  # fmt: skip
     p.add_argument("--choose-batch", type=int, default=8, help="images choose() times on")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile modes")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's, one per core)")  # fmt: skip
     args = p.parse_args()

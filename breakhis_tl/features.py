@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("data") / "cache"  # features/, images.sqlite
 # Bump when a backbone's forward, pooling or folding changes: cached features then differ.
-FEATURES_VERSION = 3
+FEATURES_VERSION = 4
 
 __all__ = ["FeatureCache"]
 
@@ -62,12 +62,12 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def feature_space(bb: Backbone, view: int, fp: FastPath, stain: str = "none") -> str:
-    """Everything a feature depends on but the image: features differ by compute dtype
-    (bf16 against fp32: cosine 0.997), so the mode is part of the key; random weights are
-    what the seed and the initialising library's version make."""
+    """Everything a feature depends on but the image: features differ by compute dtype, so
+    it is part of the key (not the layout: fp32 layouts differ far below fp16 storage);
+    random weights are what the seed and the initialising library's version make."""
     key = {
         "arch": bb.name, "weights": bb.weights_id, "prep": bb.prep.to_dict(), "view": view,
-        "compute": fp.describe(), "stain": stain, "code": FEATURES_VERSION,
+        "compute": fp.dtype, "stain": stain, "code": FEATURES_VERSION,
         "torch": ".".join(torch.__version__.split(".")[:2]),
     }  # fmt: skip
     if bb.weights == "none":

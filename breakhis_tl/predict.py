@@ -98,7 +98,7 @@ def head_mode(meta: dict, device: torch.device):
     low = mode.autocast is not None
     if device.type == "cpu" and low and not cpu_supports_bf16():
         return fast_path(device)
-    if device.type not in ("cpu", "cuda") or (mode.compiled and device.type != "cuda"):
+    if device.type not in ("cpu", "cuda"):
         return fast_path(device)
     return mode
 

@@ -339,82 +339,21 @@ def build_backbones(
 
 
 def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=None) -> dict:
-    """(arch, weights id) -> the compute mode measured fastest here whose features match
-    fp32 (`fastpath.choose`), remembered per machine in dispatch.json (--no-cache too: it
-    runs the same kernels, so its comparison with the cache is of caching alone). Sharded
-    extraction must agree on it (features differ by mode), on any machine: shard 0
-    measures and shares its decision in the folder; the other shards wait for it."""
+    """(arch, weights id) -> the compute mode for this machine (`fastpath.choose`), kept
+    per machine in dispatch.json. Its dtype is a rule of the hardware, so shards on alike
+    machines extract one feature space; shards on unlike ones should share --precision."""
     import os
 
-    from breakhis_tl.fastpath import share_decision
-
     folder = Path(os.environ.get("BREAKHIS_TL_DISPATCH_DIR") or cache_root)
-    if shard is not None:
-        _warn_if_unnamed_launch()
+    if shard is not None and cfg.precision == "auto":
+        log.info(
+            "Sharded extraction: every shard must run one dtype (the feature cache is keyed "
+            "by it); on machines with and without bf16 kernels pass --precision."
+        )
     modes = {}
     for bb in {id(b): b for b in backbones.values()}.values():
-        if shard is not None and shard[0] != 0:
-            mode = _wait_for_decision(bb, cfg.precision, folder)
-            _check_shared_mode(bb, device, mode, folder)
-        else:
-            mode = choose(bb, device, cfg.precision, cache_dir=folder)
-            if shard is not None:
-                share_decision(folder, bb, cfg.precision, mode)
-        modes[(bb.name, bb.weights_id)] = mode
+        modes[(bb.name, bb.weights_id)] = choose(bb, device, cfg.precision, cache_dir=folder)
     return modes
-
-
-def _check_shared_mode(bb, device, mode, folder: Path) -> None:
-    from breakhis_tl.fastpath import check_runs_here
-
-    if (why := check_runs_here(bb, device, mode)) is not None:
-        raise UserError(
-            f"Shard 0 chose {mode.describe()} for {bb.name} ({folder / 'dispatch.json'}), "
-            f"which does not run on this shard's {device} ({why}); run every shard on a "
-            "device that has that mode, or run every shard with --precision fp32."
-        )
-
-
-def _warn_if_unnamed_launch() -> None:
-    from breakhis_tl.fastpath import run_id_variable, run_token
-
-    if not run_token():
-        log.warning(
-            "This shard's launch has no id (%s is unset or 'none'), so its shards share the "
-            "last unnamed compute-mode decision in dispatch.json, perhaps an earlier launch's; "
-            "set BREAKHIS_TL_RUN_ID to one new value for all shards of this launch (or use "
-            "torchrun --standalone, or a SLURM array).",
-            run_id_variable(),
-        )
-
-
-def _wait_for_decision(bb, precision: str, folder: Path, timeout: float = 1800):
-    import time
-
-    from breakhis_tl.fastpath import run_id_variable, run_token, shared_decision
-
-    start, launch = time.monotonic(), run_token() or "(unnamed)"
-    if (mode := shared_decision(folder, bb, precision)) is None:
-        log.info(
-            "Waiting for shard 0 of launch %s to write its compute mode for %s to %s "
-            "(at most %.0f min).",
-            launch,
-            bb.name,
-            folder / "dispatch.json",
-            timeout / 60,
-        )
-    while mode is None:
-        if time.monotonic() - start > timeout:
-            raise UserError(
-                f"Shard 0 of launch {launch} ({run_id_variable()}) has not written its "
-                f"compute-mode decision for {bb.name} to {folder / 'dispatch.json'} in "
-                f"{timeout:.0f} s; is shard 0 running, with the same launch id?"
-            )
-        time.sleep(2)
-        mode = shared_decision(folder, bb, precision)
-    log.info("Compute mode for %s: %s, shard 0's decision for launch %s.", bb.name,
-             mode.describe(), launch)  # fmt: skip
-    return mode
 
 
 def make_stain(cfg: RunConfig) -> StainSetup:

@@ -261,7 +261,10 @@ def test_extraction_throughput_weights_and_batch_defaults():
     assert weights_for("default,uni=none", "resnet50") == "default"
     assert batch_for("h_optimus_0", None) == 32 and batch_for("uni", None) == 64
     assert batch_for("resnet50", None) == 32 and batch_for("uni", 4) == 4
-    for path in F.candidates(torch.device("cpu"), compile=True) + [F.FastPath(torch.bfloat16)]:
+    cpu = torch.device("cpu")
+    every = F.candidates(cpu, None) + F.candidates(cpu, torch.bfloat16)
+    every.append(F.FastPath(torch.bfloat16))
+    for path in every:
         assert parse_mode(path.describe()) == path  # every mode the script can time, by name
     assert parse_mode("bf16 weights") == F.FastPath(torch.bfloat16, cast=True)
 
