@@ -143,3 +143,22 @@ def no_network():
     socket.socket.connect = guarded
     yield
     socket.socket.connect = real
+
+
+TAB10 = {f"C{i}": tuple(int(h[k : k + 2], 16) for k in (1, 3, 5)) for i, h in enumerate(
+    ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+     "#bcbd22", "#17becf"])}  # fmt: skip
+
+
+def drawn(png: Path) -> dict:
+    """What a saved figure shows, read from its pixels: width and height, the share of
+    inked (non-white) pixels, how many pixels carry each of matplotlib's cycle colours
+    (C0..C9: lines and markers), and how many are shades of the Blues colour map's cells."""
+    import numpy as np
+
+    im = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    colours = {k: int((np.abs(im - rgb).sum(-1) < 40).sum()) for k, rgb in TAB10.items()}
+    r, g, b = im[..., 0], im[..., 1], im[..., 2]
+    blues = int(((b - r > 40) & (b > 100) & (g > r)).sum())
+    inked = float((im.sum(-1) < 720).mean())
+    return {"size": im.shape[1::-1], "inked": inked, "colours": colours, "blues": blues}

@@ -106,7 +106,8 @@ def test_benchmark_runs_and_prints_json(script, tmp_path):
 
 
 def run_json(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    env = {**os.environ, "PYTHON": sys.executable}  # gpu_suite.sh: this Python, not PATH's
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
     return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 

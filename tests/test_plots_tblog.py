@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import drawn
 from matplotlib.collections import PolyCollection  # noqa: E402
 
 from breakhis_tl import plots, tblog  # noqa: E402
@@ -127,7 +128,9 @@ def test_curves_show_loss_balanced_accuracy_and_the_selected_epoch(folds, tmp_pa
     assert not any(_vlines(ax) for ax in fig.axes)
     plt.close(fig)
     path = plots.plot_curves(res.history, "t", tmp_path / "c.png", best_epoch=res.best_epoch)
-    assert path.stat().st_size > 5000
+    shown = drawn(path)
+    assert shown["size"][0] > 3 * shown["size"][1]  # the panels side by side
+    assert all(shown["colours"][c] > 50 for c in ("C0", "C1", "C2", "C3", "C4"))
 
 
 # --- item 9: comparison with folds ---------------------------------------------------------
@@ -180,7 +183,8 @@ def test_comparison_draws_one_band_per_architecture(folds, tmp_path):
     assert len(solid) == 2 and not bands and legend == ["resnet50", "vgg16"]
     plt.close(fig)
     out = plots.plot_comparison(named, "f1", "demo", tmp_path / "cmp.png", groups=groups)
-    assert out.stat().st_size > 5000
+    shown = drawn(out)
+    assert sum(n > 100 for n in shown["colours"].values()) >= len(set(groups.values()))
 
 
 # --- item 10: image grid titles ------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import drawn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from breakhis_tl.cli import main
@@ -40,8 +41,13 @@ def test_run_writes_heads_results_logs_and_graphs(sample_run):
     assert len(history) == res.results["epochs_run"].iloc[0] and "val_f1" in history
     preds = pd.read_csv(models / "predictions.csv")
     assert np.allclose(preds[["prob_benign", "prob_malignant"]].sum(axis=1), 1, atol=1e-5)
-    for name in ("efficientnet_lite0_curves.png", "efficientnet_lite0_confusion.png"):
-        assert (graphs / name).stat().st_size > 5000
+    curves = drawn(graphs / "efficientnet_lite0_curves.png")
+    width, height = curves["size"]
+    assert width > 3 * height  # the panels side by side
+    assert curves["colours"]["C0"] > 100 and curves["colours"]["C1"] > 100  # train and val
+    assert all(curves["colours"][c] > 50 for c in ("C2", "C3", "C4"))  # precision, recall, F1
+    confusion = drawn(graphs / "efficientnet_lite0_confusion.png")
+    assert confusion["blues"] > 2000 and 0.05 < confusion["inked"] < 0.95  # filled cells
     assert not list(graphs.glob("compare_*.png"))  # one head: nothing to compare
     acc = EventAccumulator(str(logs / "efficientnet_lite0")).Reload()
     tags = acc.Tags()
@@ -72,7 +78,8 @@ def test_comparison_figures_need_two_heads(sample_run):
     graphs = res.folders["graphs"]
     assert len(res.heads) == 2
     for metric in CURVE_METRICS + ("balanced_accuracy", "loss"):
-        assert (graphs / f"compare_{metric}.png").stat().st_size > 5000
+        shown = drawn(graphs / f"compare_{metric}.png")
+        assert shown["colours"]["C0"] > 100 and shown["colours"]["C1"] > 100, metric  # 2 heads
 
 
 def test_resnet50_pretrained_cannot_work_offline_and_says_why(
