@@ -6,8 +6,8 @@ is never served stale features, whatever its size and modification time say. The
 BreakHis slide 13412 has a DC and an LC folder whose images are pixel-identical copies.
 
 Both are computed once per file ever and kept in one SQLite file: content ids by file stat
-(path, size, mtime, ctime, inode; ctime changes on any write, even when mtime is restored),
-pixel hashes by content id.
+(path with its folder resolved, size, mtime, ctime, inode; ctime changes on any write, even
+when mtime is restored), pixel hashes by content id.
 """
 
 from __future__ import annotations
@@ -33,6 +33,20 @@ CREATE TABLE IF NOT EXISTS pixels (id TEXT PRIMARY KEY, hash TEXT, size TEXT);
 def _stat_key(path: str) -> str:
     st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def store_keys(paths: Sequence[str]) -> list[str]:
+    """The paths content ids are remembered under: each file's folder resolved, so a file
+    reached through a link to the data and through the real folder is one file, read once
+    (the file's own name is kept: a linked file is keyed by its link, its stat by the target)."""
+    real: dict[str, str] = {}
+    out = []
+    for p in paths:
+        folder, name = os.path.split(os.fspath(p))
+        if folder not in real:
+            real[folder] = os.path.realpath(folder or ".")
+        out.append(os.path.join(real[folder], name))
+    return out
 
 
 def file_hasher(path: str | Path, algorithm: str = "sha256"):
@@ -82,14 +96,16 @@ class ImageStore:
         db = self._conn()
         out: list[str | None] = []
         new = []
-        for p in tqdm(paths, desc="content ids", unit="file", disable=not progress, leave=False):
+        keys = store_keys(paths)
+        for p, key in tqdm(zip(paths, keys, strict=True), desc="content ids", unit="file",
+                           total=len(paths), disable=not progress, leave=False):  # fmt: skip
             try:
                 stat = _stat_key(p)
             except OSError:
                 out.append(None)
                 continue
             row = db.execute(
-                "SELECT id FROM content WHERE path = ? AND stat = ?", (p, stat)
+                "SELECT id FROM content WHERE path = ? AND stat = ?", (key, stat)
             ).fetchone()
             if row is None:
                 try:
@@ -97,7 +113,7 @@ class ImageStore:
                 except OSError:
                     out.append(None)
                     continue
-                new.append((p, stat, row[0]))
+                new.append((key, stat, row[0]))
             out.append(row[0])
         if new:
             with db:

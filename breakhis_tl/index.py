@@ -75,6 +75,21 @@ def relative_key(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def data_roots(data: str | Path) -> tuple[Path, Path]:
+    """The data folder as the user named it (absolute, links kept: the paths they are shown)
+    and as it really lies (links resolved: where the keys come from). Keys from the named
+    form would change with the link a folder is reached through, and a split file written
+    one way would then match nothing read the other way."""
+    root = Path(data).expanduser().absolute()
+    return root, root.resolve()
+
+
+def file_key(path: Path, root: Path, real: Path) -> str:
+    """`relative_key` of a file found under `root`, computed on the resolved folder: the
+    same key through any link to the data (root's `data_roots`)."""
+    return relative_key(real / path.relative_to(root), real)
+
+
 def _report_unparsed(bad: list[Path], dataset: str) -> None:
     if bad:
         names = ", ".join(p.name for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -97,7 +112,7 @@ def index_breakhis(data: str | Path) -> pd.DataFrame:
     The patient key is the slide id (third `-` field of the file name). Slide 13412 has a DC
     and an LC folder; grouping by slide id keeps both on the same side of every split.
     """
-    root = Path(data).expanduser().resolve()
+    root, real = data_roots(data)
     rows, bad = [], []
     for path in _image_files(root):
         m = BREAKHIS_NAME.match(path.name)
@@ -112,7 +127,7 @@ def index_breakhis(data: str | Path) -> pd.DataFrame:
         rows.append(
             {
                 "path": str(path),
-                "relpath": relative_key(path, root),
+                "relpath": file_key(path, root, real),
                 "filename": path.name,
                 "label": "benign" if benign else "malignant",
                 "subtype": code,
@@ -143,7 +158,7 @@ def index_idc(data: str | Path) -> pd.DataFrame:
     The label comes from the file name; a patch whose class folder disagrees is left out
     and reported, since one of the two is wrong and we cannot tell which.
     """
-    root = Path(data).expanduser().resolve()
+    root, real = data_roots(data)
     rows, bad, mismatched = [], [], []
     for path in _image_files(root):
         m = IDC_NAME.match(path.name)
@@ -156,7 +171,7 @@ def index_idc(data: str | Path) -> pd.DataFrame:
         rows.append(
             {
                 "path": str(path),
-                "relpath": relative_key(path, root),
+                "relpath": file_key(path, root, real),
                 "filename": path.name,
                 "label": IDC_CLASSES[int(m["cls"])],
                 "patient": m["patient"],

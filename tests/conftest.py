@@ -42,6 +42,24 @@ def idc_sample() -> Path:
 
 
 @pytest.fixture(scope="session")
+def linked_data(tmp_path_factory):
+    """The real test data reached through a symbolic link, as on clusters and shared machines
+    (`<tmp>/shared` links to the data folder): `linked_data("breakhis_sample")` is that folder
+    through the link, its `.resolve()` the same folder by its real path. Tests that run both
+    ways fail when one side of a comparison resolves links and the other does not."""
+    base = tmp_path_factory.mktemp("linked")
+    (base / "shared").symlink_to(SHARED.resolve(), target_is_directory=True)
+
+    def serve(sub: str) -> Path:
+        _shared(sub)  # absent data skips (or fails under BREAKHIS_TL_REQUIRE_DATA) as usual
+        path = base / "shared" / sub
+        assert str(path) != str(path.resolve())
+        return path
+
+    return serve
+
+
+@pytest.fixture(scope="session")
 def breakhis_layout() -> pd.DataFrame:
     return pd.read_csv(_shared("breakhis_layout.csv"))
 
