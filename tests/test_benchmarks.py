@@ -69,7 +69,10 @@ IDC = (
 ).split()
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
+@pytest.mark.parametrize(
+    "script",
+    [s if s == "head_training.py" else pytest.param(s, marks=pytest.mark.slow) for s in CASES],
+)
 def test_benchmark_runs_and_prints_json(script, tmp_path):
     args, keys = CASES[script]
     done = subprocess.run(
@@ -112,6 +115,7 @@ def run_json(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
     return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_scale_idc_indexes_extracts_and_reads_every_patch_from_the_cache(tmp_path):
     """The IDC mode on 300 patches of 6 patients: Kaggle layout parsed, a sample extracted
     for real, every patch then served by the cache, projection with the GPU rate given."""
@@ -143,6 +147,7 @@ def test_idc_tree_matches_the_kaggle_layout(tmp_path):
     assert len({content_id(p) for p in index["path"]}) == 40  # unique bytes: unique cache keys
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run_prints_json_for_every_section(tmp_path):
     """`gpu_suite.sh --device cpu --dry-run`: every stdout line is JSON, no section failed,
     and a (precision), b (cached vs end to end), c (projection) and the summary are there."""
@@ -192,6 +197,7 @@ def throughput(args: list[str], tmp_path, **env: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_extraction_throughput_takes_a_weights_file_and_named_modes(tmp_path):
     """--weights FILE on a tiny timm ViT, --modes fp32,bf16 (no choose: nothing is written to
     the dispatch cache), a peak resident set per row."""
@@ -217,6 +223,7 @@ def test_extraction_throughput_takes_a_weights_file_and_named_modes(tmp_path):
     assert not dispatch.exists()
 
 
+@pytest.mark.slow
 def test_extraction_throughput_runs_a_foundation_preset_with_random_weights(tmp_path):
     """The smallest preset (phikon, ViT-B/16) by name: random weights without --weights (no
     download), the preset's own batch (64) and preprocessing, its memory estimate beside
@@ -270,6 +277,7 @@ def test_extraction_throughput_weights_and_batch_defaults():
     assert parse_mode("bf16 weights") == F.FastPath(torch.bfloat16, cast=True)
 
 
+@pytest.mark.slow
 def test_cached_vs_end_to_end_from_a_weights_file(tmp_path):
     """--weights file: the runs load a checkpoint, written once, whose features pass the
     working-baseline check of both runs."""

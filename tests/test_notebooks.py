@@ -116,6 +116,7 @@ def out(tmp_path_factory):
     return tmp_path_factory.mktemp("notebooks")
 
 
+@pytest.mark.slow
 def test_training_then_analysis_notebooks(out, tmp_path):
     data = _shared("breakhis_real")
     trained = _run("01_training.ipynb", tmp_path / "01.ipynb", {
@@ -164,6 +165,7 @@ def test_training_then_analysis_notebooks(out, tmp_path):
     assert "This run's stain settings: {'method': 'macenko'" in text
 
 
+@pytest.mark.slow
 def test_analysis_notebook_on_a_command_line_run(out, tmp_path):
     data = _shared("breakhis_real")
     argv = ["train", "--data", str(data), "--archs", "efficientnet_lite0", "--epochs", "2",

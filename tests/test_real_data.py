@@ -64,6 +64,7 @@ def _folds_of(run_dir) -> pd.DataFrame:
     return pd.read_csv(run_dir / "split.csv")
 
 
+@pytest.mark.slow
 def test_default_head_is_as_good_as_a_tuned_sklearn_probe(breakhis_real, tmp_path):
     """The default linear probe converges: within 2 points of balanced accuracy of a
     LogisticRegression whose C is chosen by patient-grouped 5-fold CV, on the same lite0
@@ -134,6 +135,7 @@ def _cache_rows(out):
     return [t["features"][t["ok"].bool()].float() for t in rows]
 
 
+@pytest.mark.slow
 def test_real_signal_breakhis(breakhis_real, tmp_path):
     """lite0 (pretrained, offline) + the default linear probe, patient-level nested 5-fold CV
     on 148 real BreakHis images of 37 patients. Measured (AMD EPYC, 2026-11-27): test ROC AUC
@@ -163,6 +165,7 @@ def idc_subset(idc_real, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_real_signal_idc(idc_subset, tmp_path):
     """The same on real IDC patches, patient-disjoint (train/val/test by patient). Measured
     (AMD EPYC, 2026-11-27): test ROC AUC 0.859 (balanced accuracy 0.811);
