@@ -309,7 +309,7 @@ def choose(
     precision: str = "auto",
     cache_dir: str | Path | None = None,
     batch: torch.Tensor | None = None,
-    rounds: int = 5,
+    rounds: int = 3,
 ) -> FastPath:
     """This backbone's mode here: the dtype by rule (see the module docstring; `fp32` and
     `bf16` force one), the fastest layout of it by measurement; kept in dispatch.json."""
@@ -327,7 +327,7 @@ def choose(
             Path(cache_dir) / DISPATCH_FILE,
         )
         return path
-    x = (batch if batch is not None else synthetic_batch(bb)).to(device)
+    x = (batch if batch is not None else synthetic_batch(bb, n=4)).to(device)
     dtype = _asked_dtype(device, precision, bb.name)
     if dtype is not None and precision == "auto":
         cosine = low_precision_agrees(bb, x, candidates(device, dtype)[-1])
