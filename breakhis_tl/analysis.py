@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from breakhis_tl.errors import UserError
-from breakhis_tl.metrics import compute_metrics, fold_table, split_label
+from breakhis_tl.metrics import compute_metrics, fold_table, patient_rows, split_label
 from breakhis_tl.plots import mag_label
 
 log = logging.getLogger(__name__)
@@ -276,43 +276,37 @@ def _reported_rows(run: Run, arch: str, repeat: int | None) -> pd.DataFrame:
     return p[p["repeat"] == (repeat or p["repeat"].min())]
 
 
-def _vote(predictions: pd.Series) -> str:
-    counts = predictions.value_counts()
-    return "tie" if len(counts) > 1 and counts.iloc[0] == counts.iloc[1] else counts.index[0]
+PATIENT_COLUMNS = {"label": "true label", "n_images": "images", "share_correct": "correct share",
+                   "majority_vote": "majority vote", "prediction": "mean probability"}  # fmt: skip
 
 
 def patient_table(run: Run, arch: str, repeat: int | None = None) -> pd.DataFrame:
-    """One row per patient of the reported side (one repeat: the first unless named): its
-    images, the share classified correctly, the majority vote of its images' predictions,
-    the class of its mean probability, and its true label. A diagnosis is made per patient,
-    so this is the table a pathologist would read."""
-    p = _reported_rows(run, arch, repeat)
-    probs = [f"prob_{c}" for c in run.classes]
-    rows = []
-    for patient, g in p.groupby("patient", sort=True):
-        mean = g[probs].mean().to_numpy()
-        rows.append({
-            "patient": patient, "true label": g["target"].mode().iloc[0], "images": len(g),
-            "correct share": round(float((g["prediction"] == g["target"]).mean()), 3),
-            "majority vote": _vote(g["prediction"]),
-            "mean probability": run.classes[int(mean.argmax())],
-            f"mean P({run.classes[-1]})": round(float(mean[-1]), 3),
-        })  # fmt: skip
-    return pd.DataFrame(rows)
+    """One row per patient of the reported side (one repeat: the first unless named): the
+    project's one patient table (`metrics.patient_rows`, also behind `evaluate`), so a tie
+    of the vote is broken the same way here: by the higher mean probability. A diagnosis is
+    made per patient, so this is the table a pathologist would read."""
+    p = _reported_rows(run, arch, repeat).assign(label=lambda f: f["target"])
+    table = patient_rows(p, run.classes).rename(columns=PATIENT_COLUMNS)
+    last = f"prob_{run.classes[-1]}"
+    table[f"mean P({run.classes[-1]})"] = table[last].astype(float).round(3)
+    table["correct share"] = table["correct share"].astype(float).round(3)
+    return table.drop(columns=[f"prob_{c}" for c in run.classes])
 
 
 def recognition_rates(run: Run, arch: str, repeat: int | None = None) -> dict:
     """Spanhol's two rates on the reported side, with the patient vote beside them: the
     image-level rate counts every image once; the patient-level rate averages each patient's
-    share of correct images, so every patient weighs the same."""
+    share of correct images, so every patient weighs the same. The vote is judged on the
+    patients of one class only (an IDC patient with patches of both has no single answer)."""
     table = patient_table(run, arch, repeat)
     n, share = table["images"].to_numpy(float), table["correct share"].to_numpy(float)
     p = _reported_rows(run, arch, repeat)
+    single = table[table["true label"].isin(run.classes)]
+    by_vote = (single["majority vote"] == single["true label"]).mean() if len(single) else np.nan
     return {
         "arch": arch, "split": split_label(reported_split(p)), "images": int(n.sum()),
         "patients": len(table), "image_rate": float((p["prediction"] == p["target"]).mean()),
-        "patient_rate": float(share.mean()),
-        "patients_right_by_vote": float((table["majority vote"] == table["true label"]).mean()),
+        "patient_rate": float(share.mean()), "patients_right_by_vote": float(by_vote),
         "min_images": int(n.min()), "max_images": int(n.max()),
     }  # fmt: skip
 
@@ -737,21 +731,62 @@ def group_by_sentence(joined: pd.DataFrame) -> str:
     return "\n\n".join(lines)
 
 
+def _coarser(first: pd.Series, second: pd.Series) -> tuple[pd.Series, int | None]:
+    """One patient key for two runs' rows of the same images: the key of the run whose
+    patients contain the other's (accession contains slide), so a patient split in two by
+    the finer key is still one draw. Neither containing the other: patients linked by any
+    shared image are joined (None)."""
+
+    def within(fine: pd.Series, coarse: pd.Series) -> bool:  # each fine patient in one coarse
+        return bool(pd.DataFrame({"f": fine, "c": coarse}).groupby("f")["c"].nunique().le(1).all())
+
+    if within(second, first):
+        return first, 0
+    if within(first, second):
+        return second, 1
+    pairs = pd.DataFrame({"a": "1:" + first, "b": "2:" + second})
+    root = {n: n for n in pd.unique(pairs.to_numpy().ravel())}
+
+    def find(n):
+        while root[n] != n:
+            root[n] = root[root[n]]
+            n = root[n]
+        return n
+
+    for a, b in pairs.itertuples(index=False):
+        root[find(a)] = find(b)
+    return pairs["a"].map(find), None
+
+
 def compare_runs(out_dir: str | Path, first: str, second: str, n: int = 2000) -> str:
     """Two runs that each report every image once (say, patient-level against image-level
     5-fold CV on the same images): the gap in pooled balanced accuracy, second minus first,
-    with a paired patient-bootstrap 95% interval (one draw of patients serves both runs)."""
-    frames = []
+    with a paired patient-bootstrap 95% interval (one draw of patients serves both runs).
+    The draw is of one patient key, the coarser of the two runs' (see `_coarser`): pairing
+    needs each patient to be the same unit in both runs, and the sentence names the key."""
+    frames, keys = [], []
     for arm in (first, second):
         run = load_run(out_dir, arm)
         p = run.predictions
-        side = reported_split(p)
-        frames.append(p[p["split"] == side].assign(arm=arm, repeat=1))
+        frames.append(p[p["split"] == reported_split(p)].assign(arm=arm, repeat=1))
+        keys.append(run.config.get("group_by") or "patient")
+    shared = sorted(set(frames[0]["relpath"]) & set(frames[1]["relpath"]))
+    if not shared:
+        raise UserError(f"Runs {first} and {second} report no image in common: nothing to pair.")
+    ids = [f.drop_duplicates("relpath").set_index("relpath").loc[shared, "patient"].astype(str)
+           for f in frames]  # fmt: skip
+    key, which = _coarser(*ids)
     both = pd.concat(frames, ignore_index=True)
-    shared = set(frames[0]["relpath"]) & set(frames[1]["relpath"])
     both = both[both["relpath"].isin(shared)]
+    both["patient"] = both["relpath"].map(key)
     gap, lo, hi = gap_bootstrap(both, arms=(first, second), n=n)
+    if which is None:
+        how = "patients joined wherever the two runs' keys link them"
+    elif keys[0] == keys[1] or ids[0].equals(ids[1]):
+        how = f"patient key {keys[which]}"
+    else:
+        how = f"patient key {keys[which]} of run {(first, second)[which]}, the coarser"
     return (
         f"{second} minus {first}: {gap:+.3f} balanced accuracy, 95% CI [{lo:+.3f}, {hi:+.3f}] "
-        f"(paired patient bootstrap, {both['patient'].nunique()} patients, {len(shared)} images)"
+        f"(paired patient bootstrap on {how}: {key.nunique()} patients, {len(shared)} images)"
     )
