@@ -703,16 +703,15 @@ def describe_run(run: Run) -> str:
 
 def head_curves(history: pd.DataFrame, title: str, limit: int = 6) -> list:
     """One curves figure per head (at most `limit`: a run of folds x repeats has many),
-    with the kept epoch marked: the first epoch of best validation balanced accuracy, the
-    runner's rule (for the logreg head, an "epoch" is one candidate C)."""
-    from breakhis_tl.plots import curves_figure
+    with the kept epoch (logreg: the kept C) marked as the run recorded it
+    (`plots.selected_epoch`), the same mark as its saved figure and TensorBoard."""
+    from breakhis_tl.plots import curves_figure, selected_epoch
 
     figures = []
     key = "head" if "head" in history else "arch"
     for name, h in list(history.groupby(key, sort=False))[:limit]:
-        val = h["val_balanced_accuracy"]
-        best = None if val.isna().all() else int(h.loc[val.idxmax(), "epoch"])
-        figures.append(curves_figure(h.to_dict("records"), f"{name} ({title})", best_epoch=best))
+        rows = h.to_dict("records")
+        figures.append(curves_figure(rows, f"{name} ({title})", best_epoch=selected_epoch(rows)))
     return figures
 
 

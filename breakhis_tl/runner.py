@@ -571,7 +571,8 @@ def run_job(ctx: _Context, job: headjob.HeadJob) -> dict:
     return {
         "name": job.name, "arch": job.backbone.name, "head_path": path,
         "rows": headjob.result_rows(ctx, job, result, evals, len(data.skipped)),
-        "history": result.history, "predictions": headjob.prediction_frame(ctx, job, evals),
+        "history": [{**h, "selected": h["epoch"] == result.best_epoch} for h in result.history],
+        "predictions": headjob.prediction_frame(ctx, job, evals),
         "skipped": data.skipped, "interrupted": result.interrupted,
     }  # fmt: skip
 

@@ -94,3 +94,106 @@ def test_patient_table_one_tie_rule_in_analysis_and_evaluate(tmp_path):
     ev = evaluate.patient_table(p.assign(error="", path=p["path"]), CLASSES, list(p["target"]))
     assert list(ev["majority_vote"]) == list(table["majority vote"])
     assert list(ev["share_correct"]) == pytest.approx(list(table["correct share"]))
+
+
+# --- item 2: one "selected", read from the run; item 13: the curves figure ---------------
+
+
+def _c_history(selected=None):
+    """Seven candidates of C where grouped CV peaks at 2 and val at 6 (they disagree)."""
+    cv = [0.6, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5]
+    val = [0.5, 0.55, 0.6, 0.62, 0.64, 0.9, 0.7]
+    rows = [{"head": "h", "arch": "m", "epoch": k + 1, "C": 10.0 ** (k - 4),
+             "cv_balanced_accuracy": cv[k], "val_balanced_accuracy": val[k],
+             "train_balanced_accuracy": 0.9, "train_loss": 0.3, "val_loss": 0.5}
+            for k in range(7)]  # fmt: skip
+    if selected is not None:
+        for r in rows:
+            r["selected"] = r["epoch"] == selected
+    return pd.DataFrame(rows)
+
+
+def _marks(fig):
+    return {
+        ln.get_xdata()[0]
+        for ax in fig.axes
+        for ln in ax.get_lines()
+        if len(ln.get_xdata()) == 2 and len(set(ln.get_xdata())) == 1
+    }
+
+
+def test_head_curves_mark_the_c_the_run_selected():
+    import matplotlib.pyplot as plt
+
+    from breakhis_tl.plots import selected_epoch
+
+    (fig,) = analysis.head_curves(_c_history(), "t")  # an older run: the runner's rule
+    assert _marks(fig) == {2}  # grouped CV picked C, not val's best (6)
+    assert "grouped CV picks C" in fig.axes[1].get_title()
+    labels = [ln.get_label() for ln in fig.axes[1].get_lines()]
+    assert any("grouped CV" in label for label in labels)  # the curve that selects is drawn
+    plt.close(fig)
+    (fig,) = analysis.head_curves(_c_history(selected=3), "t")  # what the run recorded
+    assert _marks(fig) == {3}
+    plt.close(fig)
+    epochs = _c_history().drop(columns=["C", "cv_balanced_accuracy"])
+    assert selected_epoch(epochs) == 6
+
+
+def test_run_records_its_selection_once(sample_run):
+    cfg, res = sample_run
+    folder = res.folders["models"]
+    history = pd.read_csv(folder / "history.csv")
+    assert history.groupby("head")["selected"].sum().eq(1).all()
+    chosen = history.loc[history["selected"], "C"].tolist()
+    results = pd.read_csv(folder / "results.csv")
+    assert set(results["C"]) == set(chosen) and results["best_epoch"].isna().all()
+    assert set(results["C_candidates"]) == {len(history)}
+
+
+def test_band_legend_shows_the_band_colour():
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    from breakhis_tl import plots
+
+    runs = [[{"epoch": e, "val_loss": 1 / e + s / 10} for e in (1, 2, 3)] for s in range(3)]
+    fig = plots.comparison_figure({"a": runs, "b": runs}, "loss", "demo")
+    ax = fig.axes[0]
+    bands = [c.get_facecolor()[0][:3] for c in ax.collections]
+    patches = [h for h in ax.get_legend().get_patches()]
+    shown = [p.get_facecolor()[:3] for p in patches]
+    assert len(shown) == 2 and all(mcolors.same_color(b, s) for b, s in zip(bands, shown))
+    assert not any(mcolors.same_color(s, "0.6") for s in shown)
+    plt.close(fig)
+
+
+def test_confusion_figure_is_readable():
+    import matplotlib.pyplot as plt
+
+    from breakhis_tl.plots import confusion_figure
+
+    fig = confusion_figure([[3, 1], [2, 9]], CLASSES, "efficientnet_lite0 (test, all folds)")
+    fig.canvas.draw()
+    box = fig.axes[0].get_window_extent()
+    assert box.width / fig.dpi > 1.5 and box.height / fig.dpi > 1.5  # inches
+    plt.close(fig)
+
+
+def test_tensorboard_draws_the_score_that_picks_c():
+    from breakhis_tl import tblog
+
+    class Writer:
+        def __init__(self):
+            self.tags = {}
+
+        def add_scalar(self, tag, value, step):
+            self.tags[tag] = (value, step)
+
+        def flush(self):
+            pass
+
+    w = Writer()
+    tblog.log_epoch(w, 2, {"val_balanced_accuracy": 0.7, "cv_balanced_accuracy": 0.8})
+    assert w.tags["balanced_accuracy/cv"] == (0.8, 2)
+    assert any("cv" in p for p in tblog._layout()["train vs val"]["balanced_accuracy"][1])
