@@ -422,19 +422,17 @@ def leakage_splits(
     index: pd.DataFrame, task: str, test_frac: float = 0.15, val_frac: float = 0.15,
     seed: int = STUDY_SEED,
 ) -> LeakageSplits:  # fmt: skip
-    """Test patients picked once (stratified, seeded); their images halved into the test
-    images and the leak pool; validation patients carved from the rest, the same for both
-    arms. Only the leak pool differs between the arms' training sets."""
-    from breakhis_tl.splits import pick_patients, target_column
+    """Test patients picked once (seeded, stratified as every split is:
+    `splits.patient_strata`); their images halved into the test images and the leak pool;
+    validation patients carved from the rest, the same for both arms. Only the leak pool
+    differs between the arms' training sets."""
+    from breakhis_tl.splits import check_strata, patient_strata, pick_patients, target_column
 
     target = target_column(task)
-    strata = index.groupby("patient")[target].agg(lambda s: s.value_counts().index[0])
-    if strata.value_counts().min() < 3 or strata.nunique() < 2:
-        have = ", ".join(f"{k}: {v}" for k, v in strata.value_counts().items())
-        raise UserError(
-            "The leakage study needs at least 3 patients of each class; there are "
-            f"{len(strata)} patients ({have})."
-        )
+    strata = patient_strata(index, target)  # the strata every patient-level split uses
+    check_strata(index, target, strata, 3, "the leakage study's test and val patients")
+    if index[target].nunique() < 2:
+        raise UserError("The leakage study needs images of at least two classes.")
     test = pick_patients(strata, test_frac, seed, keep=2)
     val = pick_patients(strata.drop(test), val_frac / (1 - test_frac), seed + 1, keep=1)
     a, b = _halves(index[index["patient"].isin(test)], seed + 2)

@@ -22,7 +22,8 @@ def _predictions(arch, slides, seed, split="test", right=0.7, per_slide=4):
             ok = rng.random() < right
             pred = label if ok else CLASSES[1 - CLASSES.index(label)]
             p1 = 0.8 if pred == "malignant" else 0.2
-            name = f"SOB_{label[0].upper()}_{'A' if label == 'benign' else 'DC'}-14-{slide}-40-{i:03d}.png"
+            code = "B_A" if label == "benign" else "M_DC"
+            name = f"SOB_{code}-14-{slide}-40-{i:03d}.png"
             rows.append({
                 "arch": arch, "fold": 1, "repeat": 1, "split": split,
                 "relpath": f"{slide}/{name}", "path": f"/d/{slide}/{name}",
@@ -163,7 +164,9 @@ def test_band_legend_shows_the_band_colour():
     bands = [c.get_facecolor()[0][:3] for c in ax.collections]
     patches = [h for h in ax.get_legend().get_patches()]
     shown = [p.get_facecolor()[:3] for p in patches]
-    assert len(shown) == 2 and all(mcolors.same_color(b, s) for b, s in zip(bands, shown))
+    assert len(shown) == 2 and all(
+        mcolors.same_color(b, s) for b, s in zip(bands, shown, strict=True)
+    )
     assert not any(mcolors.same_color(s, "0.6") for s in shown)
     plt.close(fig)
 
@@ -197,3 +200,48 @@ def test_tensorboard_draws_the_score_that_picks_c():
     tblog.log_epoch(w, 2, {"val_balanced_accuracy": 0.7, "cv_balanced_accuracy": 0.8})
     assert w.tags["balanced_accuracy/cv"] == (0.8, 2)
     assert any("cv" in p for p in tblog._layout()["train vs val"]["balanced_accuracy"][1])
+
+
+# --- item 4: IDC strata -------------------------------------------------------------------
+
+
+def _idc_index(patients=14, seed=0):
+    """Patients holding both classes, as IDC's do; only one of them mostly IDC."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        share = 0.8 if p == 0 else rng.uniform(0.05, 0.45)
+        for i in range(20):
+            label = "idc" if i < round(share * 20) else "non_idc"
+            rel = f"{9000 + p}/{i}.png"
+            rows.append(
+                {"patient": str(9000 + p), "label": label, "path": f"/d/{rel}", "relpath": rel}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_idc_patients_are_stratified_by_their_share_not_their_majority():
+    from breakhis_tl.splits import make_split, patient_strata
+
+    index = _idc_index()
+    strata = patient_strata(index, "label")
+    assert strata.nunique() >= 2 and strata.value_counts().min() >= 3
+    assert all(s.startswith("idc share") for s in strata)
+    split = make_split(index, "patient", seed=1)  # one majority-IDC patient: once refused
+    for side in ("train", "val", "test"):
+        assert set(split.loc[split["split"] == side, "label"]) == {"idc", "non_idc"}
+    for side in ("val", "test"):  # each side draws from every share stratum
+        picked = split.loc[split["split"] == side, "patient"].unique()
+        assert set(strata[picked]) == set(strata)
+    folds = make_split(index, "cv", n_folds=3, fold=1)
+    assert folds["split"].eq("test").any()
+
+
+def test_leakage_study_uses_the_same_strata():
+    index = _idc_index()
+    splits = analysis.leakage_splits(index, "binary", seed=3)
+    from breakhis_tl.splits import patient_strata
+
+    strata = patient_strata(index, "label")
+    test = splits.patient.loc[splits.patient["split"] == "test", "patient"].unique()
+    assert set(strata[test]) == set(strata)
