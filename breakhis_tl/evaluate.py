@@ -125,6 +125,14 @@ def patient_scores(table: pd.DataFrame, classes: list[str], image: dict) -> dict
     out = {"rate": image.get("patient_rate", np.nan), "n": image.get("n_patients")}
     if single.empty:
         return out
+    if single["label"].nunique() < 2:  # one class: 1.000 would say nothing about patients
+        out["n_single_label"] = len(single)
+        out["withheld"] = (
+            f"Patient-level accuracy, balanced accuracy and AUC are not shown: the "
+            f"{len(single)} patient(s) whose images all have one label are all "
+            f"{single['label'].iloc[0]}, and one class cannot show patients told apart."
+        )
+        return out
     y = single["label"].map(classes.index).to_numpy()
     probs = single[[f"prob_{c}" for c in classes]].to_numpy()
     out.update(compute_metrics(y, probs, classes))
@@ -177,10 +185,15 @@ def assess(predictions: pd.DataFrame, classes: list[str], protocol: str | None) 
     patient = patient_scores(table, classes, image)
     if len(table) and patient.get("n_single_label", 0) < len(table):
         mixed = len(table) - patient.get("n_single_label", 0)
-        notes.append(
-            f"{mixed} patient(s) have images of several classes; patient-level accuracy, "
-            "balanced accuracy and AUC use the other patients only (the patient rate uses all)."
+        uses = (
+            ""
+            if patient.get("withheld")
+            else ("; patient-level accuracy, balanced accuracy and AUC use the other patients only")
         )
+        notes.append(f"{mixed} patient(s) have images of several classes{uses} (the patient "
+                     "rate uses all).")  # fmt: skip
+    if patient.get("withheld"):
+        notes.append(patient["withheld"])
     if image.get("n_patients") is None:
         notes.append("Some scored names give no patient, so the patient rate is not computed.")
     return Evaluation(predictions, classes, image, table, patient,

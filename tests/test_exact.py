@@ -245,3 +245,24 @@ def test_leakage_study_uses_the_same_strata():
     strata = patient_strata(index, "label")
     test = splits.patient.loc[splits.patient["split"] == "test", "patient"].unique()
     assert set(strata[test]) == set(strata)
+
+
+# --- item 14: no patient-level number from one class --------------------------------------
+
+
+def test_evaluate_shows_no_patient_number_from_one_class():
+    rows = []
+    for patient, labels in (("10", "0011"), ("11", "0101"), ("12", "00"), ("13", "000")):
+        for i, c in enumerate(labels):
+            p1 = 0.3
+            rows.append({"path": f"/d/{patient}_idx5_x{i}_y0_class{c}.png", "error": "",
+                         "label": ["non_idc", "idc"][int(c)], "prediction": "non_idc",
+                         "prob_non_idc": 1 - p1, "prob_idc": p1})  # fmt: skip
+    ev = evaluate.assess(pd.DataFrame(rows), ["non_idc", "idc"], "patient")
+    summary = ev.summary.set_index("metric")["patient_level"]
+    for metric in ("accuracy", "balanced accuracy", "AUC", "majority-vote accuracy"):
+        assert np.isnan(summary[metric])
+    text = evaluate.format_summary(ev)
+    assert "not shown: the 2 patient(s)" in text and "are all non_idc" in text
+    assert "use the other patients only" not in text
+    assert summary["recognition rate (Spanhol)"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
