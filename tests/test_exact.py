@@ -266,3 +266,35 @@ def test_evaluate_shows_no_patient_number_from_one_class():
     assert "not shown: the 2 patient(s)" in text and "are all non_idc" in text
     assert "use the other patients only" not in text
     assert summary["recognition rate (Spanhol)"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
+
+
+# --- item 3: eva's ConstantLR warm-up -----------------------------------------------------
+
+
+def test_eva_recipe_trains_its_first_five_epochs_at_a_third_of_the_lr():
+    import dataclasses
+
+    import torch
+
+    from breakhis_tl.heads import make_head
+    from breakhis_tl.recipes import apply_recipe
+    from breakhis_tl.runner import RunConfig
+    from breakhis_tl.training import feature_batches, fit
+
+    cfg = apply_recipe(RunConfig(archs=["efficientnet_lite0"], recipe="eva"))
+    assert (cfg.train.warmup_epochs, cfg.train.warmup_factor) == (5, pytest.approx(1 / 3))
+    train = dataclasses.replace(cfg.train, epochs=7, max_steps=None, patience=100)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, generator=g), torch.arange(40) % 4
+
+    def val(h):
+        with torch.no_grad():
+            return y.numpy(), torch.softmax(h(x), 1).numpy(), [str(i % 5) for i in range(40)]
+
+    result = fit(make_head("linear", 8, 4), feature_batches(x, y, 256, 0), val, y.numpy(),
+                 ["TA", "MC", "F", "DC"], train)  # fmt: skip
+    lrs = [h["lr"] for h in result.history]
+    assert lrs == pytest.approx([1e-4] * 5 + [3e-4] * 2)
+    plain = fit(make_head("linear", 8, 4), feature_batches(x, y, 256, 0), val, y.numpy(),
+                ["TA", "MC", "F", "DC"], dataclasses.replace(train, warmup_epochs=0))  # fmt: skip
+    assert [h["lr"] for h in plain.history] == pytest.approx([3e-4] * 7)
