@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import balanced_accuracy_score
 
 from breakhis_tl.errors import UserError
 from breakhis_tl.metrics import compute_metrics, fold_table, patient_rows, split_label
@@ -29,11 +30,13 @@ log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("image_rate", "patient_rate", "balanced_accuracy", "precision", "recall", "f1",
                  "auc")  # fmt: skip
-CI_COLUMN = "balanced_accuracy 95% CI"
+CI_COLUMN = "pooled balanced_accuracy 95% CI"  # patient bootstrap of the pooled predictions
+POOLED_COLUMN = "pooled balanced_accuracy"  # the interval's own point: every fold's rows at once
 FEW_PATIENTS = 10  # an interval on fewer patients than this is a rough range
 TOO_FEW = 3  # a group with fewer patients than this says nothing
 SHORT_NAMES = {
-    "balanced_accuracy": "bal. acc.", CI_COLUMN: "bal. acc. 95% CI", "image_rate": "image rate",
+    "balanced_accuracy": "bal. acc. (fold mean ± std)", POOLED_COLUMN: "pooled bal. acc.",
+    CI_COLUMN: "pooled bal. acc. 95% CI (patient bootstrap)", "image_rate": "image rate",
     "patient_rate": "patient rate", "precision": "prec.", "recall": "recall", "f1": "F1",
     "auc": "AUC", "magnification": "mag.", "patient balanced_accuracy": "patient bal. acc.",
     "leaky balanced_accuracy": "leaky bal. acc.", "patient auc": "patient AUC",
@@ -216,29 +219,62 @@ def _images(predictions: pd.DataFrame) -> int:
 
 def results_table(run: Run, metrics=TABLE_METRICS, n_boot: int = 1000) -> pd.DataFrame:
     """Per architecture and split: mean ± std over folds and repeats of every rate, the
-    distinct images and patients scored, and on the reported side a 95% patient-bootstrap
-    interval of balanced accuracy (rows of all folds and repeats pooled) with its caveat."""
+    distinct images and patients scored, and on the reported side the balanced accuracy of
+    all folds' and repeats' rows pooled with its 95% patient-bootstrap interval and caveat.
+    The two are different numbers (a fold mean against a pooled score), so their columns say
+    which is which; a difference between architectures is `architecture_differences`."""
     res, pred = run.results, run.predictions
     side = reported_split(res)
     table = fold_table(res, metrics)
     keys = list(res.groupby(["arch", "split"], sort=False).groups)  # fold_table's row order
-    images, patients, cis, caveats = [], [], [], []
+    images, patients, pooled, cis, caveats = [], [], [], [], []
     for arch, split in keys:
         p = pred[(pred["arch"] == arch) & (pred["split"] == split)]
         images.append(_images(p))
         patients.append(p["patient"].nunique())
         if split != side or p.empty:
+            pooled.append("")
             cis.append("")
             caveats.append("")
             continue
         lo, hi = bootstrap_ci(p["target"], p["prediction"], p["patient"], n=n_boot)
+        pooled.append(f"{balanced_accuracy_score(p['target'], p['prediction']):.3f}")
         cis.append(f"[{lo:.3f}, {hi:.3f}]")
         caveats.append(few_patients_caveat(patients[-1], selected=split == "val"))
     table.insert(4, "images", images)
     table.insert(5, "patients", patients)
+    table[POOLED_COLUMN] = pooled
     table[CI_COLUMN] = cis
     table["caveat"] = caveats
     return table
+
+
+def architecture_differences(run: Run, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Every pair of architectures of one run on the reported side: the difference in
+    pooled balanced accuracy (second minus first, averaged over repeats) with a paired 95%
+    patient-bootstrap interval (`gap_bootstrap`: one draw of patients serves both, so what
+    the two share, the patients, cancels). Two unpaired intervals that overlap say little
+    about a difference; this interval is about the difference itself. Only images both
+    architectures scored in the same fold and repeat are compared."""
+    p = run.predictions
+    p = p[p["split"] == reported_split(p)]
+    archs = list(p["arch"].unique())
+    rows = []
+    for i, first in enumerate(archs):
+        for second in archs[i + 1 :]:
+            key = ["fold", "repeat", "relpath" if "relpath" in p else "path"]
+            a, b = (p[p["arch"] == x].assign(arm=x) for x in (first, second))
+            shared = a[key].merge(b[key]).drop_duplicates()
+            both = pd.concat([a, b]).merge(shared)
+            gap, lo, hi = gap_bootstrap(both, (first, second), n=n_boot, seed=seed)
+            rows.append({
+                "first": first, "second": second, "split": split_label(reported_split(p)),
+                "difference (second - first)": round(gap, 3),
+                "95% CI (paired patient bootstrap)": f"[{lo:+.3f}, {hi:+.3f}]",
+                "patients": both["patient"].nunique(), "images": _images(both),
+                "caveat": few_patients_caveat(both["patient"].nunique()),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def per_group_metrics(
@@ -346,16 +382,17 @@ def results_sentence(run: Run) -> str:
     side = split_label(reported_split(run.results))
     lines = []
     for row in table[table["split"] == side].to_dict("records"):
-        text = (f"{row['arch']}: {side} balanced accuracy {row['balanced_accuracy']}, 95% "
-                f"patient-bootstrap interval {row[CI_COLUMN]} on {row['patients']} "
-                "patients")  # fmt: skip
+        text = (f"{row['arch']}: {side} balanced accuracy {row[POOLED_COLUMN]} on all folds' "
+                f"rows pooled, 95% patient-bootstrap interval {row[CI_COLUMN]} on "
+                f"{row['patients']} patients; per fold (or repeat) "
+                f"{row['balanced_accuracy']}")  # fmt: skip
         caveat = row["caveat"]
         lines.append(text + (f" ({caveat})." if caveat else "."))
     return "\n".join(lines)
 
 
 MAIN_COLUMNS = ("arch", "split", "folds", "repeats", "images", "patients", "balanced_accuracy",
-                CI_COLUMN, "caveat")  # fmt: skip
+                POOLED_COLUMN, CI_COLUMN, "caveat")  # fmt: skip
 DETAIL_COLUMNS = ("arch", "split", "image_rate", "patient_rate", "precision", "recall", "f1",
                   "auc")  # fmt: skip
 

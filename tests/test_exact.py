@@ -298,3 +298,52 @@ def test_eva_recipe_trains_its_first_five_epochs_at_a_third_of_the_lr():
     plain = fit(make_head("linear", 8, 4), feature_batches(x, y, 256, 0), val, y.numpy(),
                 ["TA", "MC", "F", "DC"], dataclasses.replace(train, warmup_epochs=0))  # fmt: skip
     assert [h["lr"] for h in plain.history] == pytest.approx([3e-4] * 7)
+
+
+# --- item 5: two kinds of interval, labelled; a paired comparison of architectures --------
+
+
+def _two_arch_run(tmp_path):
+    slides = {f"{k}S": CLASSES[k % 2] for k in range(10)}
+    a = _predictions("arch_a", slides, seed=4, right=0.6)
+    b = a.assign(arch="arch_b", prediction=a["target"])  # b gets every image right
+    _write_run(tmp_path, "two", pd.concat([a, b], ignore_index=True))
+    return load_run(tmp_path, "two"), a
+
+
+def test_results_table_labels_its_two_kinds_of_number(tmp_path):
+    from sklearn.metrics import balanced_accuracy_score
+
+    run, a = _two_arch_run(tmp_path)
+    table = analysis.results_table(run, n_boot=200).set_index("arch")
+    pooled = balanced_accuracy_score(a["target"], a["prediction"])
+    assert table.loc["arch_a", analysis.POOLED_COLUMN] == f"{pooled:.3f}"
+    shown = analysis.page(table.reset_index(), analysis.MAIN_COLUMNS).to_html()
+    assert "fold mean ± std" in shown and "pooled bal. acc. 95% CI (patient bootstrap)" in shown
+
+
+def test_architecture_differences_are_paired_on_patients(tmp_path):
+    from sklearn.metrics import balanced_accuracy_score
+
+    run, a = _two_arch_run(tmp_path)
+    diff = analysis.architecture_differences(run, n_boot=300).iloc[0]
+    expected = 1 - balanced_accuracy_score(a["target"], a["prediction"])
+    assert (diff["first"], diff["second"]) == ("arch_a", "arch_b")
+    assert diff["difference (second - first)"] == pytest.approx(expected, abs=5e-4)
+    lo, hi = (float(v) for v in diff["95% CI (paired patient bootstrap)"].strip("[]").split(","))
+    assert 0 <= lo <= expected <= hi and diff["patients"] == 10 and diff["images"] == 40
+    gap = analysis.gap_bootstrap(
+        pd.concat([a.assign(arm="arch_a"), a.assign(arm="arch_b", prediction=a["target"])]),
+        ("arch_a", "arch_b"), n=300,
+    )  # fmt: skip
+    assert diff["95% CI (paired patient bootstrap)"] == f"[{gap[1]:+.3f}, {gap[2]:+.3f}]"
+
+
+def test_analysis_notebook_has_the_paired_cell_and_no_outputs():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "02_analysis.ipynb"
+    cells = json.loads(path.read_text())["cells"]
+    code = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert "architecture_differences(run)" in code
+    assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code")
