@@ -51,6 +51,7 @@ from breakhis_tl.outputs import (
     atomic_csv,
     atomic_json,
     check_run_name,
+    check_writable,
     default_run_name,
     open_run_folders,
     run_folders,
@@ -615,6 +616,7 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     device = pick_device(cfg.device)
     task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "data" / "cache"
+    check_writable(cache_root, "Cache folder")
     store = ImageStore(cache_root / "images.sqlite")
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes)

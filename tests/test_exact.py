@@ -347,3 +347,37 @@ def test_analysis_notebook_has_the_paired_cell_and_no_outputs():
     code = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert "architecture_differences(run)" in code
     assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code")
+
+
+# --- items 8 and 9: output folders that cannot be made ------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_out_that_cannot_be_made_is_one_sentence(where, tmp_path, capsys):
+    from breakhis_tl.cli import main
+
+    sample = tmp_path / "missing-data-is-never-reached"
+    if where == "file":
+        out = tmp_path / "afile"
+        out.write_text("x")
+        said = f"{out} is a file, not a folder"
+    else:
+        out = "/proc/breakhis_tl_nope"
+        said = "cannot be created in /proc"
+    code = main(
+        ["train", "--out", str(out), "--data", str(sample), "--archs", "efficientnet_lite0"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and "Traceback" not in err
+
+
+def test_cache_folder_that_cannot_be_made_is_one_sentence(tmp_path, breakhis_sample):
+    from breakhis_tl.errors import UserError
+    from breakhis_tl.runner import RunConfig, run_training
+
+    (tmp_path / "blocker").write_text("x")
+    cache = str(tmp_path / "blocker" / "cache")
+    cfg = RunConfig(data=str(breakhis_sample), archs=["efficientnet_lite0"], out=str(tmp_path),
+                    cache_dir=cache, workers=0, progress=False)  # fmt: skip
+    with pytest.raises(UserError, match="Cache folder .*blocker is a file, not a folder"):
+        run_training(cfg)
