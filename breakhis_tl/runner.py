@@ -327,7 +327,10 @@ def build_backbones(
     out = {}
     for arch in cfg.archs:
         weights = weights_for(cfg.weights, arch)
-        base = build(arch, weights)
+        try:
+            base = build(arch, weights)
+        except UserError as exc:
+            raise _all_missing(cfg, exc) from None
         for i, (k, split) in enumerate(data.plan.folds):
             if weights != "none" or not has_batchnorm(base):
                 out[(arch, k)] = base
@@ -337,6 +340,19 @@ def build_backbones(
             out[(arch, k)] = calibrate(bb, train, cfg.train.seed, cfg.extract_batch, cfg.workers,
                                        stain)  # fmt: skip
     return out
+
+
+def _all_missing(cfg: RunConfig, exc: UserError) -> UserError:
+    """The first missing ImageNet checkpoint's sentence, with every other architecture of
+    the run that would need a download too."""
+    from breakhis_tl.backbones import missing_imagenet
+
+    wanted = [a for a in cfg.archs if weights_for(cfg.weights, a) == "default"]
+    missing = missing_imagenet(wanted)
+    if len(missing) < 2 or "ImageNet weights of" not in str(exc):
+        return exc
+    return UserError(f"{exc} Of this run's architectures, {len(missing)} need ImageNet weights "
+                     f"that are not cached: {', '.join(missing)}.")  # fmt: skip
 
 
 def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=None) -> dict:

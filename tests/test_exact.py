@@ -381,3 +381,21 @@ def test_cache_folder_that_cannot_be_made_is_one_sentence(tmp_path, breakhis_sam
                     cache_dir=cache, workers=0, progress=False)  # fmt: skip
     with pytest.raises(UserError, match="Cache folder .*blocker is a file, not a folder"):
         run_training(cfg)
+
+
+# --- items 10 and 15: missing weights name every download and the offline backbone -------
+
+
+def test_missing_weights_name_them_all_and_the_offline_arch(
+    breakhis_sample, tmp_path, capsys, monkeypatch
+):
+    from breakhis_tl.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    code = main(["train", "--data", str(breakhis_sample), "--out", str(tmp_path / "o"),
+                 "--archs", "vgg16,efficientnet_lite0,resnet50,densenet121"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "ImageNet weights of vgg16 are not cached" in err
+    assert "--archs efficientnet_lite0" in err
+    assert "3 need ImageNet weights that are not cached: vgg16, resnet50, densenet121" in err
