@@ -240,7 +240,8 @@ def weights_id(weights: str, seed: int) -> str:
         return f"none-seed{seed}"
     path = Path(weights)
     if not path.is_file():
-        raise UserError(f"--weights must be default, none or a weights file; {weights} is none.")
+        raise UserError(f"--weights {weights}: no such file; give default, none or the path of a "
+                        "weights file.")  # fmt: skip
     return f"file-{file_digest(path)}"
 
 

@@ -49,6 +49,9 @@ def target_column(task: str) -> str:
 
 
 def class_names(task: str, dataset: str, protocol: str = "patient") -> list[str]:
+    if protocol == "eva" and dataset == "idc":
+        raise UserError("The eva protocol is a BreakHis protocol (40X, four subtypes, eva's "
+                        "validation slides); for IDC use --protocol patient or cv.")  # fmt: skip
     if task == "binary":
         return list(IDC_CLASSES if dataset == "idc" else BREAKHIS_CLASSES)
     if dataset == "idc":

@@ -399,3 +399,63 @@ def test_missing_weights_name_them_all_and_the_offline_arch(
     assert "ImageNet weights of vgg16 are not cached" in err
     assert "--archs efficientnet_lite0" in err
     assert "3 need ImageNet weights that are not cached: vgg16, resnet50, densenet121" in err
+
+
+# --- item 15: messages that point the right way -------------------------------------------
+
+
+def test_weights_path_that_does_not_exist_is_named_as_such(tmp_path):
+    from breakhis_tl.backbones import weights_id
+    from breakhis_tl.errors import UserError
+
+    with pytest.raises(UserError, match=r"--weights /x/nope.pt: no such file; give default"):
+        weights_id("/x/nope.pt", 0)
+
+
+def test_eva_on_idc_says_eva_is_a_breakhis_protocol(idc_sample, tmp_path, capsys):
+    from breakhis_tl.cli import main
+
+    code = main(["train", "--data", str(idc_sample), "--dataset", "idc", "--protocol", "eva",
+                 "--out", str(tmp_path), "--archs", "efficientnet_lite0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "eva protocol is a BreakHis protocol" in err
+    assert "subtype task" not in err
+
+
+def test_predict_out_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from breakhis_tl import cli
+    from breakhis_tl.predict import Classifier
+
+    def never(*a, **k):
+        raise AssertionError("the head was loaded before --out was checked")
+
+    monkeypatch.setattr(Classifier, "from_head", never)
+    for out in (f"{tmp_path}/", str(tmp_path)):
+        code = cli.main(["predict", "--head", "h.pt", "x.png", "--out", out])
+        err = capsys.readouterr().err
+        assert code == 2 and "is a folder; --out names a CSV file" in err
+
+
+def test_random_cv_warns_once(idc_sample, caplog):
+    import logging
+
+    from breakhis_tl.folds import SplitOptions, plan_folds
+    from breakhis_tl.index import build_index
+    from breakhis_tl.splits import RANDOM_WARNING
+
+    index = build_index(idc_sample, "idc")
+    with caplog.at_level(logging.WARNING):
+        plan_folds(index, SplitOptions(protocol="random", cv=5))
+    assert [r.getMessage() for r in caplog.records].count(RANDOM_WARNING) == 1
+
+
+def test_torch_torchvision_mismatch_is_one_sentence(monkeypatch, capsys):
+    from breakhis_tl import cli
+
+    def broken(args):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setitem(cli.COMMANDS, "index", broken)
+    code = cli.main(["index", "--data", "somewhere"])
+    err = capsys.readouterr().err
+    assert code == 2 and "install matching builds" in err and "Traceback" not in err
