@@ -20,20 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import balanced_accuracy_score
 
 from breakhis_tl.errors import UserError
-from breakhis_tl.metrics import compute_metrics, fold_table, split_label
+from breakhis_tl.metrics import compute_metrics, fold_table, patient_rows, split_label
 from breakhis_tl.plots import mag_label
 
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("image_rate", "patient_rate", "balanced_accuracy", "precision", "recall", "f1",
                  "auc")  # fmt: skip
-CI_COLUMN = "balanced_accuracy 95% CI"
+CI_COLUMN = "pooled balanced_accuracy 95% CI"  # patient bootstrap of the pooled predictions
+POOLED_COLUMN = "pooled balanced_accuracy"  # the interval's own point: every fold's rows at once
 FEW_PATIENTS = 10  # an interval on fewer patients than this is a rough range
 TOO_FEW = 3  # a group with fewer patients than this says nothing
 SHORT_NAMES = {
-    "balanced_accuracy": "bal. acc.", CI_COLUMN: "bal. acc. 95% CI", "image_rate": "image rate",
+    "balanced_accuracy": "bal. acc. (fold mean ± std)", POOLED_COLUMN: "pooled bal. acc.",
+    CI_COLUMN: "pooled bal. acc. 95% CI (patient bootstrap)", "image_rate": "image rate",
     "patient_rate": "patient rate", "precision": "prec.", "recall": "recall", "f1": "F1",
     "auc": "AUC", "magnification": "mag.", "patient balanced_accuracy": "patient bal. acc.",
     "leaky balanced_accuracy": "leaky bal. acc.", "patient auc": "patient AUC",
@@ -216,29 +219,62 @@ def _images(predictions: pd.DataFrame) -> int:
 
 def results_table(run: Run, metrics=TABLE_METRICS, n_boot: int = 1000) -> pd.DataFrame:
     """Per architecture and split: mean ± std over folds and repeats of every rate, the
-    distinct images and patients scored, and on the reported side a 95% patient-bootstrap
-    interval of balanced accuracy (rows of all folds and repeats pooled) with its caveat."""
+    distinct images and patients scored, and on the reported side the balanced accuracy of
+    all folds' and repeats' rows pooled with its 95% patient-bootstrap interval and caveat.
+    The two are different numbers (a fold mean against a pooled score), so their columns say
+    which is which; a difference between architectures is `architecture_differences`."""
     res, pred = run.results, run.predictions
     side = reported_split(res)
     table = fold_table(res, metrics)
     keys = list(res.groupby(["arch", "split"], sort=False).groups)  # fold_table's row order
-    images, patients, cis, caveats = [], [], [], []
+    images, patients, pooled, cis, caveats = [], [], [], [], []
     for arch, split in keys:
         p = pred[(pred["arch"] == arch) & (pred["split"] == split)]
         images.append(_images(p))
         patients.append(p["patient"].nunique())
         if split != side or p.empty:
+            pooled.append("")
             cis.append("")
             caveats.append("")
             continue
         lo, hi = bootstrap_ci(p["target"], p["prediction"], p["patient"], n=n_boot)
+        pooled.append(f"{balanced_accuracy_score(p['target'], p['prediction']):.3f}")
         cis.append(f"[{lo:.3f}, {hi:.3f}]")
         caveats.append(few_patients_caveat(patients[-1], selected=split == "val"))
     table.insert(4, "images", images)
     table.insert(5, "patients", patients)
+    table[POOLED_COLUMN] = pooled
     table[CI_COLUMN] = cis
     table["caveat"] = caveats
     return table
+
+
+def architecture_differences(run: Run, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Every pair of architectures of one run on the reported side: the difference in
+    pooled balanced accuracy (second minus first, averaged over repeats) with a paired 95%
+    patient-bootstrap interval (`gap_bootstrap`: one draw of patients serves both, so what
+    the two share, the patients, cancels). Two unpaired intervals that overlap say little
+    about a difference; this interval is about the difference itself. Only images both
+    architectures scored in the same fold and repeat are compared."""
+    p = run.predictions
+    p = p[p["split"] == reported_split(p)]
+    archs = list(p["arch"].unique())
+    rows = []
+    for i, first in enumerate(archs):
+        for second in archs[i + 1 :]:
+            key = ["fold", "repeat", "relpath" if "relpath" in p else "path"]
+            a, b = (p[p["arch"] == x].assign(arm=x) for x in (first, second))
+            shared = a[key].merge(b[key]).drop_duplicates()
+            both = pd.concat([a, b]).merge(shared)
+            gap, lo, hi = gap_bootstrap(both, (first, second), n=n_boot, seed=seed)
+            rows.append({
+                "first": first, "second": second, "split": split_label(reported_split(p)),
+                "difference (second - first)": round(gap, 3),
+                "95% CI (paired patient bootstrap)": f"[{lo:+.3f}, {hi:+.3f}]",
+                "patients": both["patient"].nunique(), "images": _images(both),
+                "caveat": few_patients_caveat(both["patient"].nunique()),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def per_group_metrics(
@@ -276,43 +312,37 @@ def _reported_rows(run: Run, arch: str, repeat: int | None) -> pd.DataFrame:
     return p[p["repeat"] == (repeat or p["repeat"].min())]
 
 
-def _vote(predictions: pd.Series) -> str:
-    counts = predictions.value_counts()
-    return "tie" if len(counts) > 1 and counts.iloc[0] == counts.iloc[1] else counts.index[0]
+PATIENT_COLUMNS = {"label": "true label", "n_images": "images", "share_correct": "correct share",
+                   "majority_vote": "majority vote", "prediction": "mean probability"}  # fmt: skip
 
 
 def patient_table(run: Run, arch: str, repeat: int | None = None) -> pd.DataFrame:
-    """One row per patient of the reported side (one repeat: the first unless named): its
-    images, the share classified correctly, the majority vote of its images' predictions,
-    the class of its mean probability, and its true label. A diagnosis is made per patient,
-    so this is the table a pathologist would read."""
-    p = _reported_rows(run, arch, repeat)
-    probs = [f"prob_{c}" for c in run.classes]
-    rows = []
-    for patient, g in p.groupby("patient", sort=True):
-        mean = g[probs].mean().to_numpy()
-        rows.append({
-            "patient": patient, "true label": g["target"].mode().iloc[0], "images": len(g),
-            "correct share": round(float((g["prediction"] == g["target"]).mean()), 3),
-            "majority vote": _vote(g["prediction"]),
-            "mean probability": run.classes[int(mean.argmax())],
-            f"mean P({run.classes[-1]})": round(float(mean[-1]), 3),
-        })  # fmt: skip
-    return pd.DataFrame(rows)
+    """One row per patient of the reported side (one repeat: the first unless named): the
+    project's one patient table (`metrics.patient_rows`, also behind `evaluate`), so a tie
+    of the vote is broken the same way here: by the higher mean probability. A diagnosis is
+    made per patient, so this is the table a pathologist would read."""
+    p = _reported_rows(run, arch, repeat).assign(label=lambda f: f["target"])
+    table = patient_rows(p, run.classes).rename(columns=PATIENT_COLUMNS)
+    last = f"prob_{run.classes[-1]}"
+    table[f"mean P({run.classes[-1]})"] = table[last].astype(float).round(3)
+    table["correct share"] = table["correct share"].astype(float).round(3)
+    return table.drop(columns=[f"prob_{c}" for c in run.classes])
 
 
 def recognition_rates(run: Run, arch: str, repeat: int | None = None) -> dict:
     """Spanhol's two rates on the reported side, with the patient vote beside them: the
     image-level rate counts every image once; the patient-level rate averages each patient's
-    share of correct images, so every patient weighs the same."""
+    share of correct images, so every patient weighs the same. The vote is judged on the
+    patients of one class only (an IDC patient with patches of both has no single answer)."""
     table = patient_table(run, arch, repeat)
     n, share = table["images"].to_numpy(float), table["correct share"].to_numpy(float)
     p = _reported_rows(run, arch, repeat)
+    single = table[table["true label"].isin(run.classes)]
+    by_vote = (single["majority vote"] == single["true label"]).mean() if len(single) else np.nan
     return {
         "arch": arch, "split": split_label(reported_split(p)), "images": int(n.sum()),
         "patients": len(table), "image_rate": float((p["prediction"] == p["target"]).mean()),
-        "patient_rate": float(share.mean()),
-        "patients_right_by_vote": float((table["majority vote"] == table["true label"]).mean()),
+        "patient_rate": float(share.mean()), "patients_right_by_vote": float(by_vote),
         "min_images": int(n.min()), "max_images": int(n.max()),
     }  # fmt: skip
 
@@ -352,16 +382,17 @@ def results_sentence(run: Run) -> str:
     side = split_label(reported_split(run.results))
     lines = []
     for row in table[table["split"] == side].to_dict("records"):
-        text = (f"{row['arch']}: {side} balanced accuracy {row['balanced_accuracy']}, 95% "
-                f"patient-bootstrap interval {row[CI_COLUMN]} on {row['patients']} "
-                "patients")  # fmt: skip
+        text = (f"{row['arch']}: {side} balanced accuracy {row[POOLED_COLUMN]} on all folds' "
+                f"rows pooled, 95% patient-bootstrap interval {row[CI_COLUMN]} on "
+                f"{row['patients']} patients; per fold (or repeat) "
+                f"{row['balanced_accuracy']}")  # fmt: skip
         caveat = row["caveat"]
         lines.append(text + (f" ({caveat})." if caveat else "."))
     return "\n".join(lines)
 
 
 MAIN_COLUMNS = ("arch", "split", "folds", "repeats", "images", "patients", "balanced_accuracy",
-                CI_COLUMN, "caveat")  # fmt: skip
+                POOLED_COLUMN, CI_COLUMN, "caveat")  # fmt: skip
 DETAIL_COLUMNS = ("arch", "split", "image_rate", "patient_rate", "precision", "recall", "f1",
                   "auc")  # fmt: skip
 
@@ -428,19 +459,17 @@ def leakage_splits(
     index: pd.DataFrame, task: str, test_frac: float = 0.15, val_frac: float = 0.15,
     seed: int = STUDY_SEED,
 ) -> LeakageSplits:  # fmt: skip
-    """Test patients picked once (stratified, seeded); their images halved into the test
-    images and the leak pool; validation patients carved from the rest, the same for both
-    arms. Only the leak pool differs between the arms' training sets."""
-    from breakhis_tl.splits import pick_patients, target_column
+    """Test patients picked once (seeded, stratified as every split is:
+    `splits.patient_strata`); their images halved into the test images and the leak pool;
+    validation patients carved from the rest, the same for both arms. Only the leak pool
+    differs between the arms' training sets."""
+    from breakhis_tl.splits import check_strata, patient_strata, pick_patients, target_column
 
     target = target_column(task)
-    strata = index.groupby("patient")[target].agg(lambda s: s.value_counts().index[0])
-    if strata.value_counts().min() < 3 or strata.nunique() < 2:
-        have = ", ".join(f"{k}: {v}" for k, v in strata.value_counts().items())
-        raise UserError(
-            "The leakage study needs at least 3 patients of each class; there are "
-            f"{len(strata)} patients ({have})."
-        )
+    strata = patient_strata(index, target)  # the strata every patient-level split uses
+    check_strata(index, target, strata, 3, "the leakage study's test and val patients")
+    if index[target].nunique() < 2:
+        raise UserError("The leakage study needs images of at least two classes.")
     test = pick_patients(strata, test_frac, seed, keep=2)
     val = pick_patients(strata.drop(test), val_frac / (1 - test_frac), seed + 1, keep=1)
     a, b = _halves(index[index["patient"].isin(test)], seed + 2)
@@ -709,16 +738,15 @@ def describe_run(run: Run) -> str:
 
 def head_curves(history: pd.DataFrame, title: str, limit: int = 6) -> list:
     """One curves figure per head (at most `limit`: a run of folds x repeats has many),
-    with the kept epoch marked: the first epoch of best validation balanced accuracy, the
-    runner's rule (for the logreg head, an "epoch" is one candidate C)."""
-    from breakhis_tl.plots import curves_figure
+    with the kept epoch (logreg: the kept C) marked as the run recorded it
+    (`plots.selected_epoch`), the same mark as its saved figure and TensorBoard."""
+    from breakhis_tl.plots import curves_figure, selected_epoch
 
     figures = []
     key = "head" if "head" in history else "arch"
     for name, h in list(history.groupby(key, sort=False))[:limit]:
-        val = h["val_balanced_accuracy"]
-        best = None if val.isna().all() else int(h.loc[val.idxmax(), "epoch"])
-        figures.append(curves_figure(h.to_dict("records"), f"{name} ({title})", best_epoch=best))
+        rows = h.to_dict("records")
+        figures.append(curves_figure(rows, f"{name} ({title})", best_epoch=selected_epoch(rows)))
     return figures
 
 
@@ -737,21 +765,62 @@ def group_by_sentence(joined: pd.DataFrame) -> str:
     return "\n\n".join(lines)
 
 
+def _coarser(first: pd.Series, second: pd.Series) -> tuple[pd.Series, int | None]:
+    """One patient key for two runs' rows of the same images: the key of the run whose
+    patients contain the other's (accession contains slide), so a patient split in two by
+    the finer key is still one draw. Neither containing the other: patients linked by any
+    shared image are joined (None)."""
+
+    def within(fine: pd.Series, coarse: pd.Series) -> bool:  # each fine patient in one coarse
+        return bool(pd.DataFrame({"f": fine, "c": coarse}).groupby("f")["c"].nunique().le(1).all())
+
+    if within(second, first):
+        return first, 0
+    if within(first, second):
+        return second, 1
+    pairs = pd.DataFrame({"a": "1:" + first, "b": "2:" + second})
+    root = {n: n for n in pd.unique(pairs.to_numpy().ravel())}
+
+    def find(n):
+        while root[n] != n:
+            root[n] = root[root[n]]
+            n = root[n]
+        return n
+
+    for a, b in pairs.itertuples(index=False):
+        root[find(a)] = find(b)
+    return pairs["a"].map(find), None
+
+
 def compare_runs(out_dir: str | Path, first: str, second: str, n: int = 2000) -> str:
     """Two runs that each report every image once (say, patient-level against image-level
     5-fold CV on the same images): the gap in pooled balanced accuracy, second minus first,
-    with a paired patient-bootstrap 95% interval (one draw of patients serves both runs)."""
-    frames = []
+    with a paired patient-bootstrap 95% interval (one draw of patients serves both runs).
+    The draw is of one patient key, the coarser of the two runs' (see `_coarser`): pairing
+    needs each patient to be the same unit in both runs, and the sentence names the key."""
+    frames, keys = [], []
     for arm in (first, second):
         run = load_run(out_dir, arm)
         p = run.predictions
-        side = reported_split(p)
-        frames.append(p[p["split"] == side].assign(arm=arm, repeat=1))
+        frames.append(p[p["split"] == reported_split(p)].assign(arm=arm, repeat=1))
+        keys.append(run.config.get("group_by") or "patient")
+    shared = sorted(set(frames[0]["relpath"]) & set(frames[1]["relpath"]))
+    if not shared:
+        raise UserError(f"Runs {first} and {second} report no image in common: nothing to pair.")
+    ids = [f.drop_duplicates("relpath").set_index("relpath").loc[shared, "patient"].astype(str)
+           for f in frames]  # fmt: skip
+    key, which = _coarser(*ids)
     both = pd.concat(frames, ignore_index=True)
-    shared = set(frames[0]["relpath"]) & set(frames[1]["relpath"])
     both = both[both["relpath"].isin(shared)]
+    both["patient"] = both["relpath"].map(key)
     gap, lo, hi = gap_bootstrap(both, arms=(first, second), n=n)
+    if which is None:
+        how = "patients joined wherever the two runs' keys link them"
+    elif keys[0] == keys[1] or ids[0].equals(ids[1]):
+        how = f"patient key {keys[which]}"
+    else:
+        how = f"patient key {keys[which]} of run {(first, second)[which]}, the coarser"
     return (
         f"{second} minus {first}: {gap:+.3f} balanced accuracy, 95% CI [{lo:+.3f}, {hi:+.3f}] "
-        f"(paired patient bootstrap, {both['patient'].nunique()} patients, {len(shared)} images)"
+        f"(paired patient bootstrap on {how}: {key.nunique()} patients, {len(shared)} images)"
     )

@@ -161,11 +161,32 @@ def _torchvision_weights(name: str):
     return models.get_model_weights(name).DEFAULT
 
 
+OFFLINE_ARCH = "efficientnet_lite0"  # its ImageNet weights come with its pip package
+
+
 def _missing_weights(name: str, filename: str, folder: Path) -> str:
     return (
         f"The ImageNet weights of {name} are not cached and could not be downloaded; put "
-        f"{filename} in {folder} (or set TORCH_HOME), or use --weights none or a weights file."
+        f"{filename} in {folder} (or set TORCH_HOME), use --weights none or a weights file, "
+        f"or, on a machine without internet, --archs {OFFLINE_ARCH} (its weights come with "
+        "its package)."
     )
+
+
+def missing_imagenet(archs) -> list[str]:
+    """The torchvision architectures among `archs` whose ImageNet checkpoint is not in the
+    torch hub cache: what a first download would have to fetch, named together so a user
+    offline learns of all of them at once rather than one per attempt."""
+    missing = []
+    for name in archs:
+        if name not in REGISTRY or name == OFFLINE_ARCH:
+            continue
+        try:
+            if not imagenet_file(name).is_file():
+                missing.append(name)
+        except (ValueError, KeyError, AttributeError):
+            continue
+    return missing
 
 
 def check_arch(name: str) -> None:
@@ -219,7 +240,8 @@ def weights_id(weights: str, seed: int) -> str:
         return f"none-seed{seed}"
     path = Path(weights)
     if not path.is_file():
-        raise UserError(f"--weights must be default, none or a weights file; {weights} is none.")
+        raise UserError(f"--weights {weights}: no such file; give default, none or the path of a "
+                        "weights file.")  # fmt: skip
     return f"file-{file_digest(path)}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -332,6 +333,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from breakhis_tl.evaluate import assess, format_summary
     from breakhis_tl.predict import Classifier
 
+    for flag, path in (("--out", args.out), ("--patients", args.patients)):
+        _check_csv_path(flag, path)
     clf = Classifier.from_head(args.head, device=args.device)
     preds = clf.predict(args.paths, tta=args.tta, batch_size=args.batch_size,
                         workers=args.workers, labels=args.labels)  # fmt: skip
@@ -558,6 +561,15 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_csv_path(flag: str, path: str | None) -> None:
+    """Before any work: a CSV path that names a folder would fail only after the whole
+    table had been computed and printed."""
+    if path and (path.endswith(("/", os.sep)) or Path(path).is_dir()):
+        name = "patients.csv" if flag == "--patients" else "predictions.csv"
+        raise UserError(f"{flag} {path} is a folder; {flag} names a CSV file, such as "
+                        f"{Path(path) / name}.")  # fmt: skip
+
+
 def _write_csv(df, path: str, writer=None) -> None:
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -600,3 +612,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+        print(f"error: {build_mismatch(exc)}", file=sys.stderr)
+        return 2
+
+
+def build_mismatch(exc: Exception) -> str:
+    """torchvision's compiled operators fail to load when it was built for another torch:
+    the fix is an install, not anything in this project."""
+    import importlib.metadata as md
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    return (f"torch {version('torch')} and torchvision {version('torchvision')} are not builds "
+            f"made for each other ({exc}); install matching builds, e.g. both from the same "
+            "index URL of the README's install command.")  # fmt: skip

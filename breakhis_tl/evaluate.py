@@ -20,7 +20,7 @@ import pandas as pd
 
 from breakhis_tl.errors import UserError
 from breakhis_tl.index import BENIGN_SUBTYPES, BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, SUBTYPES
-from breakhis_tl.metrics import compute_metrics
+from breakhis_tl.metrics import compute_metrics, patient_rows
 from breakhis_tl.predict import patient_of
 
 log = logging.getLogger(__name__)
@@ -104,48 +104,16 @@ def score(predictions: pd.DataFrame, labels, classes: list[str]) -> dict:
     return compute_metrics(y, probs, classes, df["patient"].tolist() if has_patient else None)
 
 
-def _vote(preds: pd.Series, mean_probs: pd.Series, classes: list[str]) -> str:
-    """The most frequent per-image prediction; a tie goes to the tied class with the higher
-    mean probability, so the vote is deterministic."""
-    counts = preds.value_counts()
-    tied = counts[counts == counts.max()].index
-    return max(tied, key=lambda c: (mean_probs[f"prob_{c}"], -classes.index(c)))
-
-
 def patient_table(predictions: pd.DataFrame, classes: list[str], labels=None) -> pd.DataFrame:
-    """One row per patient (readable inputs with a BreakHis or IDC name): the true label(s),
-    the number of images, the share predicted correctly, the majority vote and the
-    mean-probability prediction, then the mean probabilities. Spanhol's patient rate is the
-    mean of `share_correct`; patient-level accuracy is that of `prediction`."""
-    cols = [f"prob_{c}" for c in classes]
+    """One row per patient (readable inputs with a BreakHis or IDC name): the project's one
+    patient table (`metrics.patient_rows`, shared with the analysis notebook). Spanhol's
+    patient rate is the mean of `share_correct`; patient-level accuracy is that of
+    `prediction`."""
     df = predictions.assign(patient=predictions["path"].map(patient_of))
     if labels is not None:
         df["label"] = list(labels)
     df = df[(df["error"] == "") & df["patient"].notna()]
-    head = ["patient"] + (["label"] if labels is not None else []) + ["n_images"]
-    tail = (["share_correct"] if labels is not None else []) + ["majority_vote", "prediction"]
-    if df.empty:
-        return pd.DataFrame(columns=[*head, *tail, *cols])
-    rows = []
-    for patient, g in df.groupby("patient", sort=True):
-        mean = g[cols].mean()
-        row = {"patient": patient, "n_images": len(g)}
-        if labels is not None:
-            present = set(g["label"].dropna())
-            row["label"] = "/".join(sorted(present, key=_order(classes)))
-            scored = g[g["label"].isin(classes)]
-            row["share_correct"] = (
-                float((scored["prediction"] == scored["label"]).mean()) if len(scored) else np.nan
-            )
-        row["majority_vote"] = _vote(g["prediction"], mean, classes)
-        row["prediction"] = classes[int(np.argmax(mean.to_numpy()))]
-        rows.append({**row, **mean.to_dict()})
-    return pd.DataFrame(rows, columns=[*head, *tail, *cols])
-
-
-def _order(classes: list[str]):
-    codes = list(SUBTYPES)
-    return lambda c: (classes.index(c) if c in classes else len(classes) + codes.index(c), c)
+    return patient_rows(df, classes)
 
 
 def patient_scores(table: pd.DataFrame, classes: list[str], image: dict) -> dict:
@@ -156,6 +124,14 @@ def patient_scores(table: pd.DataFrame, classes: list[str], image: dict) -> dict
     single = table[table["label"].isin(classes)]
     out = {"rate": image.get("patient_rate", np.nan), "n": image.get("n_patients")}
     if single.empty:
+        return out
+    if single["label"].nunique() < 2:  # one class: 1.000 would say nothing about patients
+        out["n_single_label"] = len(single)
+        out["withheld"] = (
+            f"Patient-level accuracy, balanced accuracy and AUC are not shown: the "
+            f"{len(single)} patient(s) whose images all have one label are all "
+            f"{single['label'].iloc[0]}, and one class cannot show patients told apart."
+        )
         return out
     y = single["label"].map(classes.index).to_numpy()
     probs = single[[f"prob_{c}" for c in classes]].to_numpy()
@@ -209,10 +185,15 @@ def assess(predictions: pd.DataFrame, classes: list[str], protocol: str | None) 
     patient = patient_scores(table, classes, image)
     if len(table) and patient.get("n_single_label", 0) < len(table):
         mixed = len(table) - patient.get("n_single_label", 0)
-        notes.append(
-            f"{mixed} patient(s) have images of several classes; patient-level accuracy, "
-            "balanced accuracy and AUC use the other patients only (the patient rate uses all)."
+        uses = (
+            ""
+            if patient.get("withheld")
+            else ("; patient-level accuracy, balanced accuracy and AUC use the other patients only")
         )
+        notes.append(f"{mixed} patient(s) have images of several classes{uses} (the patient "
+                     "rate uses all).")  # fmt: skip
+    if patient.get("withheld"):
+        notes.append(patient["withheld"])
     if image.get("n_patients") is None:
         notes.append("Some scored names give no patient, so the patient rate is not computed.")
     return Evaluation(predictions, classes, image, table, patient,

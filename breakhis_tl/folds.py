@@ -7,6 +7,7 @@ and the leakage check on every fold it yields.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,28 @@ def plan_folds(index: pd.DataFrame, o: SplitOptions) -> Plan:
             raise UserError(f"Fold {wanted} is out of range; this split has folds 1 to {n}.")
         ks = range(1, n + 1) if wanted is None else [wanted]
         kw["n_folds"] = n
-    return Plan(protocol, group_by, [(k, make_split(index, fold=k, **kw)) for k in ks])
+    with _said_once(RANDOM_WARNING):  # one warning for the run, not one per fold
+        parts = [(k, make_split(index, fold=k, **kw)) for k in ks]
+    return Plan(protocol, group_by, parts)
+
+
+@contextlib.contextmanager
+def _said_once(message: str):
+    """While the folds of one plan are made, `message` reaches the log once."""
+    seen = []
+
+    def once(record: logging.LogRecord) -> bool:
+        if record.getMessage() != message:
+            return True
+        seen.append(record)
+        return len(seen) == 1
+
+    logger = logging.getLogger("breakhis_tl.splits")
+    logger.addFilter(once)
+    try:
+        yield
+    finally:
+        logger.removeFilter(once)
 
 
 def write_split(plan: Plan, path: str | Path) -> Path:

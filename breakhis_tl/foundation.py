@@ -371,7 +371,8 @@ def _timm_pretrained_identity(model: nn.Module) -> str:
 def _existing(weights: str) -> Path:
     path = Path(weights)
     if not path.is_file():
-        raise UserError(f"--weights must be default, none or a weights file; {weights} is none.")
+        raise UserError(f"--weights {weights}: no such file; give default, none or the path of a "
+                        "weights file.")  # fmt: skip
     return path
 
 

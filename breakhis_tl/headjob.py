@@ -201,6 +201,17 @@ def evaluate_head(ctx, job: HeadJob, head, data: TrainingData) -> dict:
     return out
 
 
+def _selection_columns(head: str, result: FitResult) -> dict:
+    """What was selected, in the head's own terms: an epoch-trained head's kept epoch and
+    epochs run; the logreg head has no epochs, so its chosen C and the candidates tried."""
+    if head != "logreg":
+        return {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                "C": None, "C_candidates": None}  # fmt: skip
+    chosen = result.history[result.best_epoch - 1] if result.history else {}
+    return {"best_epoch": None, "epochs_run": None, "C": chosen.get("C"),
+            "C_candidates": len(result.history)}  # fmt: skip
+
+
 def result_rows(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int) -> list[dict]:
     cfg, t = ctx.cfg, ctx.cfg.train
     rows = []
@@ -209,7 +220,7 @@ def result_rows(ctx, job: HeadJob, result: FitResult, evals: dict, skipped: int)
             "arch": job.backbone.name, "fold": job.fold, "repeat": job.repeat, "split": s,
             **{k: m[k] for k in METRICS}, "n_images": m["n_images"],
             "n_patients": m["n_patients"], "model_selection": s == "val" and t.select == "best",
-            "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+            **_selection_columns(t.head, result),
             "train_seconds": round(result.seconds, 3), "skipped_images": skipped,
             "test_twins_in_train": job.twins if s == "test" else 0,
             "weights": job.backbone.weights_id, "head": t.head, "recipe": cfg.recipe,

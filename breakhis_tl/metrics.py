@@ -102,3 +102,41 @@ def fold_table(results: pd.DataFrame, metrics) -> pd.DataFrame:
             row[m] = f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def patient_vote(predictions: pd.Series, mean_probs: pd.Series, classes: list[str]) -> str:
+    """The most frequent per-image prediction of one patient. A tie goes to the tied class
+    with the higher mean probability (then the earlier class), so the vote is always a class
+    and is the same in `evaluate`, `predict` and the analysis notebook."""
+    counts = predictions.value_counts()
+    tied = counts[counts == counts.max()].index
+    return max(tied, key=lambda c: (mean_probs[f"prob_{c}"], -classes.index(c)))
+
+
+def _label_order(classes: list[str]):
+    return lambda c: (classes.index(c) if c in classes else len(classes), c)
+
+
+def patient_rows(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """The one patient table of the project: per patient (`patient` column), the true
+    label(s) when `df` has a `label` column (several joined by "/", as an IDC patient has
+    patches of both classes), the images, the share predicted correctly, the majority vote
+    (`patient_vote`), the class of the mean probability, and the mean probabilities."""
+    cols = [f"prob_{c}" for c in classes]
+    labelled = "label" in df
+    head = ["patient"] + (["label"] if labelled else []) + ["n_images"]
+    tail = (["share_correct"] if labelled else []) + ["majority_vote", "prediction"]
+    rows = []
+    for patient, g in df.groupby("patient", sort=True):
+        mean = g[cols].mean()
+        row = {"patient": patient, "n_images": len(g)}
+        if labelled:
+            present = set(g["label"].dropna())
+            row["label"] = "/".join(sorted(present, key=_label_order(classes)))
+            scored = g[g["label"].isin(classes)]
+            right = (scored["prediction"] == scored["label"]).mean() if len(scored) else np.nan
+            row["share_correct"] = float(right)
+        row["majority_vote"] = patient_vote(g["prediction"], mean, classes)
+        row["prediction"] = classes[int(np.argmax(mean.to_numpy()))]
+        rows.append({**row, **mean.to_dict()})
+    return pd.DataFrame(rows, columns=[*head, *tail, *cols])

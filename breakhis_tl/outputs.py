@@ -36,13 +36,27 @@ def check_run_name(folders: dict[str, Path], overwrite: bool) -> None:
         _check_writable(f)
 
 
-def _check_writable(folder: Path) -> None:
-    """Without creating anything: a failed run must leave no empty folders behind."""
+def check_writable(folder: Path, what: str = "Output folder") -> None:
+    """Up front, in one sentence: a folder under a file, or where nothing can be created
+    (/proc, a read-only mount, no permission). Checked by making and removing an empty
+    probe folder in the nearest existing parent, since permission bits alone do not tell
+    (root passes them on /proc), and a failed run must leave no empty folders behind."""
+    import tempfile
+
+    folder = Path(folder)
     probe = folder
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"Output folder {folder} cannot be written (permission denied).")
+    if not probe.is_dir():
+        raise UserError(f"{what} {folder} cannot be created: {probe} is a file, not a folder.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".breakhis_tl_probe_", dir=probe))
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise UserError(f"{what} {folder} cannot be created in {probe} ({reason}).") from None
+
+
+_check_writable = check_writable
 
 
 def open_run_folders(folders: dict[str, Path], overwrite: bool) -> None:

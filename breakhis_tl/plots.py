@@ -13,11 +13,12 @@ SELECTION_METRIC = "balanced_accuracy"  # what early stopping and head selection
 # Panels of the curves figure: title, metrics drawn in it, whether the y axis is [0, 1].
 CURVE_PANELS = (
     ("loss", ("loss",), False),
-    ("balanced accuracy (early stopping)", ("balanced_accuracy",), True),
+    ("balanced accuracy (selection)", ("balanced_accuracy",), True),
     ("accuracy", ("accuracy",), True),
     ("precision / recall / F1", ("precision", "recall", "f1"), True),
 )
 SIDES = (("train", "--"), ("val", "-"))
+CV_KEY = "cv_balanced_accuracy"  # the logreg head's C is chosen on this, not on val
 
 
 def mag_label(m) -> str:
@@ -41,6 +42,34 @@ def _series(history: list[dict], key: str) -> list[float]:
         v = h.get(key)
         out.append(np.nan if v is None else float(v))
     return out
+
+
+def selected_epoch(history) -> int | None:
+    """The epoch (for logreg, the candidate C) whose head the run kept, as the run recorded
+    it (history's `selected` column), so figures, TensorBoard and notebooks mark one and the
+    same head. A history written before that column gets the runner's own rule: the first
+    best grouped-CV score where C was chosen by CV, else the first best val balanced
+    accuracy."""
+    rows = history.to_dict("records") if hasattr(history, "to_dict") else list(history)
+    if not rows:
+        return None
+    marked = [int(h["epoch"]) for h in rows if h.get("selected") in (True, 1, "True")]
+    if marked:
+        return marked[0]
+    if any("selected" in h for h in rows):
+        return None
+    for key in (CV_KEY, "val_balanced_accuracy"):
+        scores = np.array(_series(rows, key))
+        if not np.isnan(scores).all():
+            return int(rows[int(np.nanargmax(scores))]["epoch"])
+    return None
+
+
+def _selection_title(history: list[dict]) -> str:
+    if not _is_c_grid(history):
+        return "balanced accuracy (early stopping)"
+    by_cv = not np.isnan(_series(history, CV_KEY)).all()
+    return f"balanced accuracy ({'grouped CV' if by_cv else 'val'} picks C)"
 
 
 def _mark_epoch(ax, epoch: int | None, label: bool, history: list[dict] | None = None) -> None:
@@ -70,9 +99,11 @@ def _x_axis(ax, history: list[dict]) -> None:
 
 
 def curves_figure(history: list[dict], title: str, best_epoch: int | None = None):
-    """Loss, the early-stopping metric (balanced accuracy), accuracy and precision/recall/F1
-    over epochs, train dashed and val solid, so over- or under-fitting and the reason the
-    kept head was kept (`best_epoch`, dotted line) are visible in one figure."""
+    """Loss, the selection metric (balanced accuracy), accuracy and precision/recall/F1
+    over epochs (logreg: candidates of C), train dashed and val solid, so over- or
+    under-fitting and the reason the kept head was kept (`best_epoch`, dotted line: pass
+    the run's own, or `selected_epoch` of a saved history) are visible in one figure. Where
+    grouped CV chose C, its score is drawn too: it is the curve the selection followed."""
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.2 * len(CURVE_PANELS), 3.6))
     epochs = [int(h["epoch"]) for h in history]
     for k, (ax, (name, metrics, unit)) in enumerate(zip(axes, CURVE_PANELS, strict=True)):
@@ -84,8 +115,11 @@ def curves_figure(history: list[dict], title: str, best_epoch: int | None = None
                     epochs, _series(history, f"{side}_{m}"), style, marker=".",
                     color=colour or f"C{i}", label=label,
                 )  # fmt: skip
+        if metrics == (SELECTION_METRIC,) and not np.isnan(_series(history, CV_KEY)).all():
+            ax.plot(epochs, _series(history, CV_KEY), "-", marker="s", ms=4, color="C3",
+                    label="grouped CV (train + val patients)")  # fmt: skip
         _mark_epoch(ax, best_epoch, label=k == 0, history=history)
-        ax.set_title(name)
+        ax.set_title(_selection_title(history) if metrics == (SELECTION_METRIC,) else name)
         _x_axis(ax, history)
         ax.set_ylabel(metrics[0].replace("_", " ") if len(metrics) == 1 else "score")
         if unit:
@@ -143,7 +177,9 @@ def _band_line(ax, arch: str, runs: list[list[dict]], key: str, colour: str) -> 
         return
     full = count == n
     ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
-    ax.plot(epochs[full], mean[full], marker=".", color=colour, label=f"{arch} (mean ± std, n={n})")
+    ax.plot(
+        epochs[full], mean[full], marker=".", color=colour, label=f"{arch} (mean ± std, n={n})"
+    )  # the band: ± 1 std over folds/repeats
     if not full.all():  # fewer heads from here on: dotted, so the drop in n is visible
         start = max(int(np.argmin(full)) - 1, 0)
         ax.plot(epochs[start:], mean[start:], ":", marker=".", ms=3, color=colour)
@@ -171,14 +207,17 @@ def comparison_figure(
 
 
 def _band_legend(ax, grouped: dict[str, list]) -> None:
-    """Say what the band and the dotted tail mean in the legend itself, where it is read."""
+    """Say what the band and the dotted tail mean in the legend itself, where it is read:
+    each architecture's entry shows its own band's colour behind its line."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles, labels = ax.get_legend_handles_labels()
+    for k, (handle, label) in enumerate(zip(handles, labels, strict=True)):
+        if label.endswith(")") and "mean ± std" in label:
+            band = Patch(facecolor=handle.get_color(), alpha=0.2, lw=0)
+            handles[k] = (band, handle)
     if any(len(r) > 1 for r in grouped.values()):
-        handles.append(Patch(color="0.6", alpha=0.4))
-        labels.append("band: ± 1 std over folds/repeats")
         ends = {len(h) for runs in grouped.values() for h in runs}
         if len(ends) > 1:
             handles.append(Line2D([], [], ls=":", color="0.3"))
@@ -197,13 +236,17 @@ def plot_comparison(
 
 
 def confusion_figure(matrix, classes: list[str], title: str):
+    """scikit-learn's confusion matrix display, sized so that two classes and a long title
+    (architecture, side, folds) still leave a readable panel in a notebook."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
+    k = len(classes)
+    cell = 0.85 if k <= 4 else 0.6
+    fig, ax = plt.subplots(figsize=(2.6 + cell * k, 2.3 + cell * k))
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=classes).plot(
         ax=ax, cmap="Blues", colorbar=False, values_format="d"
     )
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10, wrap=True)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     fig.tight_layout()
     return fig

@@ -8,8 +8,13 @@ configs/vision/pathology/offline/classification/breakhis.yaml): a linear head
 lr 3e-4 (and torch's default weight decay, 0.01), batch size 256 with shuffling, at most
 12,500 optimiser steps (MAX_STEPS), the best checkpoint by val/MulticlassAccuracy (macro
 accuracy = balanced accuracy; checkpoint_type best), EarlyStopping with patience 500
-validation checks (PATIENCE), and N_RUNS = 5 runs. Its images are ResizeAndCrop to 224 with
-ImageNet mean/std, which is what the ImageNet backbones here use already.
+validation checks (PATIENCE), and N_RUNS = 5 runs. The config names no learning-rate
+schedule, so eva.HeadModule's default applies: `lr_scheduler=torch.optim.lr_scheduler.
+ConstantLR` with torch's defaults (factor 1/3, total_iters 5), returned to Lightning without an
+interval and so stepped once an epoch: the first 5 epochs train at lr 1e-4, then 3e-4
+(kaiko-eva 0.3.0, src/eva/core/models/modules/head.py; the same default since 0.0.2). Its
+images are ResizeAndCrop to 224 with ImageNet mean/std, which is what the ImageNet backbones
+here use already.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ EVA_TRAIN = dict(
     epochs=12_500,  # the step budget ends training; one step per epoch at most this many
     patience=500,
     select="best",
+    warmup_epochs=5,  # torch.optim.lr_scheduler.ConstantLR's default total_iters
+    warmup_factor=1 / 3,  # and its default factor
 )
 EVA_RUNS = 5
+EVA_VERSION = "kaiko-eva 0.3.0"  # the eva source this recipe was checked against
 
 
 def apply_recipe(cfg):
@@ -41,8 +49,10 @@ def apply_recipe(cfg):
         _warn_overridden(cfg.train)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **EVA_TRAIN))
         log.info(
-            "Recipe eva: linear head, plain cross-entropy, AdamW lr 3e-4, batch 256, "
-            "at most 12,500 steps, patience 500, %d runs.",
+            "Recipe eva (%s): linear head, plain cross-entropy, AdamW lr 3e-4 (x 1/3 for the "
+            "first 5 epochs, eva's ConstantLR), batch 256, at most 12,500 steps, patience 500, "
+            "%d runs.",
+            EVA_VERSION,
             cfg.repeats or EVA_RUNS,
         )
         if cfg.repeats is None:

@@ -51,6 +51,7 @@ from breakhis_tl.outputs import (
     atomic_csv,
     atomic_json,
     check_run_name,
+    check_writable,
     default_run_name,
     open_run_folders,
     run_folders,
@@ -326,7 +327,10 @@ def build_backbones(
     out = {}
     for arch in cfg.archs:
         weights = weights_for(cfg.weights, arch)
-        base = build(arch, weights)
+        try:
+            base = build(arch, weights)
+        except UserError as exc:
+            raise _all_missing(cfg, exc) from None
         for i, (k, split) in enumerate(data.plan.folds):
             if weights != "none" or not has_batchnorm(base):
                 out[(arch, k)] = base
@@ -336,6 +340,19 @@ def build_backbones(
             out[(arch, k)] = calibrate(bb, train, cfg.train.seed, cfg.extract_batch, cfg.workers,
                                        stain)  # fmt: skip
     return out
+
+
+def _all_missing(cfg: RunConfig, exc: UserError) -> UserError:
+    """The first missing ImageNet checkpoint's sentence, with every other architecture of
+    the run that would need a download too."""
+    from breakhis_tl.backbones import missing_imagenet
+
+    wanted = [a for a in cfg.archs if weights_for(cfg.weights, a) == "default"]
+    missing = missing_imagenet(wanted)
+    if len(missing) < 2 or "ImageNet weights of" not in str(exc):
+        return exc
+    return UserError(f"{exc} Of this run's architectures, {len(missing)} need ImageNet weights "
+                     f"that are not cached: {', '.join(missing)}.")  # fmt: skip
 
 
 def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=None) -> dict:
@@ -510,7 +527,8 @@ def run_job(ctx: _Context, job: headjob.HeadJob) -> dict:
     return {
         "name": job.name, "arch": job.backbone.name, "head_path": path,
         "rows": headjob.result_rows(ctx, job, result, evals, len(data.skipped)),
-        "history": result.history, "predictions": headjob.prediction_frame(ctx, job, evals),
+        "history": [{**h, "selected": h["epoch"] == result.best_epoch} for h in result.history],
+        "predictions": headjob.prediction_frame(ctx, job, evals),
         "skipped": data.skipped, "interrupted": result.interrupted,
     }  # fmt: skip
 
@@ -553,6 +571,7 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     device = pick_device(cfg.device)
     task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "data" / "cache"
+    check_writable(cache_root, "Cache folder")
     store = ImageStore(cache_root / "images.sqlite")
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes)

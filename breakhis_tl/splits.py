@@ -49,6 +49,9 @@ def target_column(task: str) -> str:
 
 
 def class_names(task: str, dataset: str, protocol: str = "patient") -> list[str]:
+    if protocol == "eva" and dataset == "idc":
+        raise UserError("The eva protocol is a BreakHis protocol (40X, four subtypes, eva's "
+                        "validation slides); for IDC use --protocol patient or cv.")  # fmt: skip
     if task == "binary":
         return list(IDC_CLASSES if dataset == "idc" else BREAKHIS_CLASSES)
     if dataset == "idc":
@@ -70,13 +73,64 @@ def apply_group_by(index: pd.DataFrame, group_by: str = "slide") -> pd.DataFrame
     return index.assign(patient=slide.astype(str))
 
 
-def _patient_strata(df: pd.DataFrame, target: str) -> pd.Series:
-    # A patient with two subtypes (slide 13412: DC and LC) is stratified by its commoner one.
-    return df.groupby("patient")[target].agg(lambda s: s.value_counts().index[0])
+SHARE_EDGES = (0.25, 0.5, 0.75)  # patients holding both classes: strata of positive share
+MIN_STRATUM = 3  # a share stratum smaller than this joins its neighbour
 
 
-def _need_patients(strata: pd.Series, need: int, what: str, classes) -> None:
-    counts = strata.value_counts().reindex(sorted(set(classes)), fill_value=0)
+def _holds_both(counts: pd.DataFrame) -> bool:
+    """Two classes and patients with images of both (IDC: a patient's patches of tissue
+    with and without cancer), where a patient's majority label hides most of the picture."""
+    return counts.shape[1] == 2 and bool((counts.gt(0).sum(axis=1) > 1).any())
+
+
+def patient_strata(df: pd.DataFrame, target: str) -> pd.Series:
+    """Per patient, the stratum every patient-level split (and the leakage study) balances:
+    its class where patients hold one class (a patient with two subtypes, slide 13412's DC
+    and LC, takes its commoner one); where patients hold both of two classes, its share of
+    the positive class in bins (0-25%, 25-50%, 50-75%, 75-100%, a bin of fewer than
+    MIN_STRATUM patients joined to a neighbour), so train, val and test get patients of
+    every kind rather than of one majority."""
+    counts = pd.crosstab(df["patient"], df[target])
+    if not _holds_both(counts):
+        return df.groupby("patient")[target].agg(lambda s: s.value_counts().index[0])
+    positive = next((c for c in counts.columns if c in ("idc", "malignant")), counts.columns[-1])
+    share = counts[positive] / counts.sum(axis=1)
+    code = pd.Series(np.searchsorted(SHARE_EDGES, share.to_numpy(), side="right"), share.index)
+    edges = (0.0, *SHARE_EDGES, 1.0)
+    names = {}
+    for members in _joined_bins(code.value_counts().sort_index()):
+        low, high = edges[members[0]], edges[members[-1] + 1]
+        names.update({k: f"{positive} share {low:.0%}-{high:.0%}" for k in members})
+    return code.map(names).rename(target)
+
+
+def _joined_bins(sizes: pd.Series) -> list[list[int]]:
+    """Neighbouring share bins joined until each holds MIN_STRATUM patients (or one is left):
+    a stratum of one or two patients cannot give a patient to every side."""
+    bins, counts = [[int(k)] for k in sizes.index], [int(n) for n in sizes]
+    while len(bins) > 1 and min(counts) < MIN_STRATUM:
+        k = int(np.argmin(counts))
+        j = k - 1 if k == len(bins) - 1 or (k > 0 and counts[k - 1] <= counts[k + 1]) else k + 1
+        lo, hi = min(k, j), max(k, j)
+        bins[lo : hi + 1] = [bins[lo] + bins[hi]]
+        counts[lo : hi + 1] = [counts[lo] + counts[hi]]
+    return bins
+
+
+def check_strata(df: pd.DataFrame, target: str, strata: pd.Series, need: int, what: str) -> None:
+    """One sentence when `df` has too few patients for `what`: `need` patients of each class
+    (or, where patients hold both classes, `need` patients holding each class)."""
+    counts = pd.crosstab(df["patient"], df[target])
+    if _holds_both(counts):
+        holding = counts.gt(0).sum(axis=0)
+        if holding.min() < need or len(strata) < need:
+            have = ", ".join(f"{c}: {n}" for c, n in holding.sort_index().items())
+            raise UserError(
+                f"Cannot stratify {what}: it needs at least {need} patients holding each class, "
+                f"and there are {len(strata)} patients (holding {have})."
+            )
+        return
+    counts = strata.value_counts().reindex(sorted(set(df[target])), fill_value=0)
     if counts.min() < need:
         have = ", ".join(f"{c}: {n}" for c, n in counts.sort_index().items())
         raise UserError(
@@ -110,8 +164,8 @@ def patient_split(
         raise UserError(
             f"Val and test fractions ({val_frac} + {test_frac}) leave nothing to train."
         )
-    strata = _patient_strata(df, target)
-    _need_patients(strata, 3, "a train/val/test split by patient", df[target])
+    strata = patient_strata(df, target)
+    check_strata(df, target, strata, 3, "a train/val/test split by patient")
     test = pick_patients(strata, test_frac, seed, keep=2)
     rest = strata.drop(test)
     val = pick_patients(rest, val_frac / (1 - test_frac), seed + 1, keep=1)
@@ -128,8 +182,8 @@ def carve_val(
     train = df[df["split"] == "train"]
     out = df.copy()
     if grouped:
-        strata = _patient_strata(train, target)
-        _need_patients(strata, 2, "a validation set out of the training patients", train[target])
+        strata = patient_strata(train, target)
+        check_strata(train, target, strata, 2, "a validation set out of the training patients")
         val = pick_patients(strata, val_frac, seed, keep=1)
         out.loc[out["patient"].isin(val) & (out["split"] == "train"), "split"] = "val"
         return out
@@ -153,8 +207,8 @@ def cv_folds(df: pd.DataFrame, target: str, n_folds: int, seed: int, grouped: bo
         raise UserError(f"Cross-validation needs at least 2 folds, not {n_folds}.")
     fold = pd.Series(0, index=df.index, dtype=int)
     if grouped:
-        strata = _patient_strata(df, target)
-        _need_patients(strata, n_folds, f"{n_folds} patient-level folds", df[target])
+        strata = patient_strata(df, target)
+        check_strata(df, target, strata, n_folds, f"{n_folds} patient-level folds")
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         parts = splitter.split(df, df["patient"].map(strata), groups=df["patient"])
     else:

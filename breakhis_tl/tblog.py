@@ -3,8 +3,9 @@
 Layout, one run (folder) per head, nothing else:
 
 * SCALARS: tags grouped by metric, `loss/train`, `loss/val`, `balanced_accuracy/train`, ...,
-  so train and val of one metric sit in one section. `add_scalars` is not used: it writes a
-  sub-run folder per curve, which shows up as extra runs (one per fold and side).
+  so train and val of one metric sit in one section; `balanced_accuracy/cv` is the
+  grouped-CV score that picks the logreg head's C, where C was picked so. `add_scalars` is
+  not used: it writes a sub-run folder per curve, which shows up as extra runs.
 * CUSTOM SCALARS: one chart per metric with train and val overlaid (a layout, not more data).
 * The selected head's final val and test metrics, one point each at the selected epoch, as
   `selected/val_<metric>` and `selected/test_<metric>`. The HPARAMS plugin can only show metric
@@ -28,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from breakhis_tl.metrics import METRICS
-from breakhis_tl.plots import confusion_figure
+from breakhis_tl.plots import CV_KEY, confusion_figure
 
 SIDES = ("train", "val")
 CURVES = ("loss", *METRICS)
@@ -55,7 +56,7 @@ def _finite(v) -> bool:
 def _layout() -> dict:
     """Custom-scalars layout: train, val and the selected head's points of a metric in one
     chart, which SCALARS cannot do without a sub-run per curve."""
-    charts = {m: ["Multiline", [f"^{m}/(train|val)$", f"^selected/[a-z]+_{m}$"]] for m in CURVES}
+    charts = {m: ["Multiline", [f"^{m}/(train|val|cv)$", f"^selected/[a-z]+_{m}$"]] for m in CURVES}
     return {"train vs val": charts}
 
 
@@ -74,6 +75,8 @@ def log_epoch(writer: SummaryWriter, epoch: int, logs: dict) -> None:
             v = logs.get(f"{side}_{m}")
             if _finite(v):
                 writer.add_scalar(curve_tag(m, side), v, epoch)
+    if _finite(logs.get(CV_KEY)):  # the score that picks logreg's C: drawn beside val
+        writer.add_scalar(curve_tag("balanced_accuracy", "cv"), logs[CV_KEY], epoch)
     writer.breakhis_last_epoch = epoch  # where log_final puts its points without best_epoch
     writer.flush()
 

@@ -38,6 +38,8 @@ class TrainConfig:
     class_weighted: bool = True  # balanced cross-entropy (BreakHis is 69% malignant)
     select: str = "best"  # best: the epoch with the best val balanced accuracy; last
     seed: int = 0
+    warmup_epochs: int = 0  # epochs at lr x warmup_factor first (eva: torch's ConstantLR)
+    warmup_factor: float = 1 / 3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +94,7 @@ def fit(
         weights = torch.ones(len(classes), device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = _warmup(opt, cfg)
     history: list[dict] = []
     best, best_epoch, best_state, since_best = -math.inf, 0, copy.deepcopy(head.state_dict()), 0
     start = time.perf_counter()
@@ -130,9 +133,12 @@ def fit(
             "val_loss": val_loss,
             **{f"train_{k}": v for k, v in train_m.items() if k != "confusion"},
             **{f"val_{k}": v for k, v in val_m.items() if k != "confusion"},
+            "lr": opt.param_groups[0]["lr"],
             "seconds": time.perf_counter() - t0,
             "eval_seconds": time.perf_counter() - t_eval,  # validation pass and all metrics
         }
+        if warmup is not None:
+            warmup.step()  # per epoch, as Lightning steps an epoch-interval scheduler
         history.append(logs)
         if on_epoch:
             on_epoch(epoch, logs)
@@ -159,6 +165,17 @@ def fit(
     head.load_state_dict(best_state)
     head.eval()
     return FitResult(history, best_state, best_epoch, interrupted, time.perf_counter() - start)
+
+
+def _warmup(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    """torch's ConstantLR when the config asks for a warm-up: the learning rate times
+    `warmup_factor` for the first `warmup_epochs` epochs, then as set (eva's HeadModule
+    default schedule, stepped once an epoch)."""
+    if cfg.warmup_epochs <= 0:
+        return None
+    return torch.optim.lr_scheduler.ConstantLR(
+        opt, factor=cfg.warmup_factor, total_iters=cfg.warmup_epochs
+    )
 
 
 def feature_batches(

@@ -38,7 +38,8 @@ def test_run_writes_heads_results_logs_and_graphs(sample_run):
         results.loc[results["split"] == "val", "balanced_accuracy"].item(), nan_ok=True
     )
     history = pd.read_csv(models / "history.csv")
-    assert len(history) == res.results["epochs_run"].iloc[0] and "val_f1" in history
+    assert len(history) == res.results["C_candidates"].iloc[0] and "val_f1" in history
+    assert res.results["best_epoch"].isna().all() and res.results["C"].notna().all()
     preds = pd.read_csv(models / "predictions.csv")
     assert np.allclose(preds[["prob_benign", "prob_malignant"]].sum(axis=1), 1, atol=1e-5)
     curves = drawn(graphs / "efficientnet_lite0_curves.png")
