@@ -600,33 +600,52 @@ def leakage_conclusion(
     return text
 
 
-def leakage_study(
-    data_dir: str | Path, arch: str, out_dir: str | Path, *, dataset: str = "breakhis",
-    task: str = "binary", magnification: str = "all", weights: str = "default",
-    epochs: int = 30, seeds: int = 5, test_frac: float = 0.15, val_frac: float = 0.15,
-    group_by: str = "slide", seed: int = 0, run_prefix: str = "leakage", run: str | None = None,
-    study_seed: int = STUDY_SEED, n_boot: int = 1000, train=None, **kwargs,
-) -> LeakageStudy:  # fmt: skip
+@dataclass
+class StudyOptions:
+    """The leakage study's own settings; everything else goes to RunConfig."""
+
+    dataset: str = "breakhis"
+    task: str = "binary"
+    magnification: str = "all"
+    weights: str = "default"
+    epochs: int = 30
+    seeds: int = 5
+    test_frac: float = 0.15
+    val_frac: float = 0.15
+    group_by: str = "slide"
+    seed: int = 0
+    run_prefix: str = "leakage"
+    run: str | None = None
+    study_seed: int = STUDY_SEED
+    n_boot: int = 1000
+    train: object = None  # a TrainConfig (default: the default head)
+
+
+def leakage_study(data_dir: str | Path, arch: str, out_dir: str | Path, **kwargs) -> LeakageStudy:
     """How much of a score comes from having seen the test patients, measured exactly.
 
     One set of test patients is fixed and each one's images are halved: half A is scored,
     half B is the leak pool. The `patient` arm trains on the other patients; the `leaky` arm
     on the same images plus the leak pool (never a test image). Same test images, same val,
     same head and budget, `seeds` head seeds each; the gap's interval resamples test
-    patients. `kwargs` go to RunConfig (cache_dir, workers, device, progress, ...)."""
+    patients. `kwargs` are StudyOptions fields, the rest go to RunConfig (cache_dir,
+    workers, device, progress, ...)."""
+    fields = {f.name for f in dataclasses.fields(StudyOptions)}
+    o = StudyOptions(**{k: v for k, v in kwargs.items() if k in fields})
+    kwargs = {k: v for k, v in kwargs.items() if k not in fields}
     from breakhis_tl.training import TrainConfig
 
-    names = fresh_run_names(out_dir, run_prefix, ARMS, run)
+    names = fresh_run_names(out_dir, o.run_prefix, ARMS, o.run)
     cache = kwargs.get("cache_dir") or Path(out_dir) / "data" / "cache"
-    index = _study_index(data_dir, dataset, magnification, group_by, cache)
-    splits = leakage_splits(index, task, test_frac, val_frac, study_seed)
-    train = dataclasses.replace(train or TrainConfig(), epochs=epochs, seed=seed)
-    cfg_kw = dict(data=str(data_dir), dataset=dataset, archs=[arch], weights=weights, task=task,
-                  magnification=magnification, repeats=seeds, out=str(out_dir), train=train,
-                  **kwargs)  # fmt: skip
-    trained = _train_arms(splits, names, group_by, cfg_kw)
+    index = _study_index(data_dir, o.dataset, o.magnification, o.group_by, cache)
+    splits = leakage_splits(index, o.task, o.test_frac, o.val_frac, o.study_seed)
+    train = dataclasses.replace(o.train or TrainConfig(), epochs=o.epochs, seed=o.seed)
+    cfg_kw = dict(data=str(data_dir), dataset=o.dataset, archs=[arch], weights=o.weights,
+                  task=o.task, magnification=o.magnification, repeats=o.seeds,
+                  out=str(out_dir), train=train, **kwargs)  # fmt: skip
+    trained = _train_arms(splits, names, o.group_by, cfg_kw)
     gaps, preds = _per_repeat(trained)
-    gap, lo, hi = gap_bootstrap(preds, ARMS, n=n_boot)
+    gap, lo, hi = gap_bootstrap(preds, ARMS, n=o.n_boot)
     test = splits.patient[splits.patient["split"] == "test"]
     same = bool(gaps.filter(like="balanced_accuracy").nunique().max() == 1)
     conclusion = leakage_conclusion(gap, (lo, hi), len(gaps), len(test), test["patient"].nunique(),

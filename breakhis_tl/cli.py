@@ -116,7 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_download(sub)
+    _add_index(sub)
+    _add_split(sub)
+    _add_train(sub)
+    _add_extract(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    return parser
 
+
+def _add_download(sub) -> None:
     p = sub.add_parser(
         "download",
         help="fetch and unpack the BreakHis archive",
@@ -129,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", action="append", default=None, help=argparse.SUPPRESS)
     p.add_argument("--expect", type=positive_int, default=None, help=argparse.SUPPRESS)
 
+
+def _add_index(sub) -> None:
     p = sub.add_parser(
         "index",
         help="index a dataset and print its counts",
@@ -138,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--out", default=None, help="write the index to this CSV file")
 
+
+def _add_split(sub) -> None:
     p = sub.add_parser(
         "split",
         help="make a patient-disjoint split and keep it as data",
@@ -162,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the split to this CSV file")
     p.add_argument("--cache-dir", default="data/cache", help="where pixel hashes are remembered")
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="extract features once and train a head per architecture",
@@ -188,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="K-fold cross-validation (patient: grouped; random: image-level)",
     )
     p.add_argument("--split-file", default=None, help="reuse a split written by `split --out`")
+    _head_args(p)
+    _run_args(p)
+
+
+def _head_args(p: argparse.ArgumentParser) -> None:
+    """How each head is trained: its kind, recipe, repeats and the epoch loop's settings."""
     p.add_argument(
         "--head",
         default="logreg",
@@ -220,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=positive_int, default=10, help="early-stopping patience")
     p.add_argument("--hidden", type=positive_int, default=512, help="mlp hidden units")
     p.add_argument("--dropout", type=fraction_or_zero, default=0.5)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """Where features come from and where the run goes: views, stain, device, cache, names."""
     p.add_argument(
         "--views",
         type=positive_int,
@@ -244,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default="auto",
-        help="compute mode of the backbones: auto (the fastest measured here whose features "
-        "match fp32), fp32 or bf16",
+        help="compute dtype of the backbones: auto (bf16 where the device has native bf16 "
+        "kernels and the features match fp32, else fp32), fp32 or bf16",
     )
     p.add_argument("--workers", type=nonneg_int, default=None, help=WORKERS_HELP)
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
@@ -254,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing run of that name, whole"
     )
     p.add_argument("--out", default=".", help="folder for the output folders (default: .)")
+
+
+def _add_extract(sub) -> None:
     p = sub.add_parser(
         "extract",
         help="extract features into the cache only (sharded across processes if asked)",
@@ -280,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
     p.add_argument("--out", default=".", help="folder holding data/ (default: .)")
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict",
         help="classify images with a saved head",
@@ -303,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predictions against them; none: never",
     )
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="score a saved head on a labelled split or folder",
@@ -324,7 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--workers", type=nonneg_int, default=None, help=WORKERS_HELP)
-    return parser
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

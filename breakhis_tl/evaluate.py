@@ -19,9 +19,15 @@ import numpy as np
 import pandas as pd
 
 from breakhis_tl.errors import UserError
-from breakhis_tl.index import BENIGN_SUBTYPES, BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, SUBTYPES
+from breakhis_tl.index import (
+    BENIGN_SUBTYPES,
+    BREAKHIS_NAME,
+    IDC_CLASSES,
+    IDC_NAME,
+    SUBTYPES,
+    patient_of,
+)
 from breakhis_tl.metrics import compute_metrics, patient_rows
-from breakhis_tl.predict import patient_of
 
 log = logging.getLogger(__name__)
 

@@ -272,3 +272,14 @@ def summary(index: pd.DataFrame) -> str:
     if "slide_folder" in index:
         lines += ["", f"Slide folders: {index['slide_folder'].nunique()}"]
     return "\n".join(lines)
+
+
+def patient_of(name: str, dataset: str | None = None) -> str | None:
+    """Patient (slide) id from a BreakHis or IDC file name (of `dataset` only, if given: a
+    BreakHis slide and an IDC patient can share digits); None for other names."""
+    base = Path(name).name
+    m = BREAKHIS_NAME.match(base) if dataset in (None, "breakhis") else None
+    if m:
+        return m["slide"].upper()
+    m = IDC_NAME.match(base) if dataset in (None, "idc") else None
+    return m["patient"] if m else None

@@ -24,7 +24,7 @@ from breakhis_tl.errors import UserError
 from breakhis_tl.features import fast_path, pick_device, prepare, run_backbone
 from breakhis_tl.heads import load_head
 from breakhis_tl.images import ImageError, as_rgb
-from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, accession_of
+from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, accession_of, patient_of
 from breakhis_tl.stain import StainSetup
 from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral, normalize
 
@@ -101,17 +101,6 @@ def head_mode(meta: dict, device: torch.device):
     if device.type not in ("cpu", "cuda"):
         return fast_path(device)
     return mode
-
-
-def patient_of(name: str, dataset: str | None = None) -> str | None:
-    """Patient (slide) id from a BreakHis or IDC file name (of `dataset` only, if given: a
-    BreakHis slide and an IDC patient can share digits); None for other names."""
-    base = Path(name).name
-    m = BREAKHIS_NAME.match(base) if dataset in (None, "breakhis") else None
-    if m:
-        return m["slide"].upper()
-    m = IDC_NAME.match(base) if dataset in (None, "idc") else None
-    return m["patient"] if m else None
 
 
 def head_dataset(meta: dict) -> str:

@@ -8,6 +8,7 @@ definition (no `--eva-holdout`) has no test side, and its val rows are labelled 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -377,23 +378,33 @@ def random_split(
     return df.assign(split=split)
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """What a split depends on besides the protocol and the fold."""
+
+    task: str = "binary"
+    seed: int = 0
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+    folds_csv: str | Path | None = None
+    eva_holdout: bool = False
+
+
 def make_split(
     index: pd.DataFrame,
     protocol: str = "patient",
-    task: str = "binary",
-    seed: int = 0,
     fold: int = 1,
     n_folds: int | None = None,
-    val_frac: float = 0.15,
-    test_frac: float = 0.15,
-    folds_csv: str | Path | None = None,
-    eva_holdout: bool = False,
+    **settings,
 ) -> pd.DataFrame:
     """The index with `split` (train/val/test) and `fold` columns, leakage-checked.
 
     `n_folds` with `patient` or `random` gives cross-validation (patient-level or
     image-level folds); `cv` is the patient protocol with 5 folds unless told otherwise.
+    `settings` are SplitSettings fields.
     """
+    o = SplitSettings(**settings)
+    task, seed, val_frac, test_frac = o.task, o.seed, o.val_frac, o.test_frac
     if protocol not in PROTOCOLS:
         raise UserError(f"Unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}.")
     target = target_column(task)
@@ -404,12 +415,12 @@ def make_split(
     if protocol == "eva":
         if task != "subtype":
             raise UserError("The eva protocol is the four-class subtype task; use --task subtype.")
-        out = eva_split(index, target, seed, val_frac, eva_holdout)
+        out = eva_split(index, target, seed, val_frac, o.eva_holdout)
         # eva's slide list is what it is; grouped by accession it shares patients: say so.
         check_no_leakage(out, warn_only=True)
         return out
     elif protocol == "folds":
-        path = folds_csv or find_folds_csv(index)
+        path = o.folds_csv or find_folds_csv(index)
         if path is None:
             raise UserError(
                 "No Folds.csv found beside the BreaKHis_v1 folder; give its path with --folds-csv."
