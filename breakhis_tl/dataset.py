@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from breakhis_tl.images import ImageError, load_rgb
+from breakhis_tl.images import ImageError, load_rgb, usable_cores
 
 
 class ImageDataset(Dataset):
@@ -176,10 +176,3 @@ def default_workers() -> int:
     calibration (README, Performance)."""
     cores = usable_cores()
     return 0 if cores < 2 else min(4, max(2, cores - 1))
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a container or taskset can allow fewer than exist)."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -56,3 +56,10 @@ def load_rgb(path: str | Path) -> Image.Image:
 def as_rgb(item: str | Path | Image.Image) -> Image.Image:
     """A path (opened with `load_rgb`) or an image already in memory, as RGB."""
     return _to_rgb(item) if isinstance(item, Image.Image) else load_rgb(item)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container or taskset can allow fewer than exist)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
