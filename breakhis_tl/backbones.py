@@ -32,8 +32,6 @@ DEFAULT_ARCHS = [
     "vgg16", "resnet50", "densenet121", "inception_v3", "mobilenet_v2", "efficientnet_b0",
     "efficientnet_lite0",
 ]  # fmt: skip
-# Set to 1 to fail at once, with the same sentence, instead of trying a weights download.
-OFFLINE_ENV = "BREAKHIS_TL_OFFLINE"
 
 
 @dataclass(frozen=True)
@@ -154,6 +152,8 @@ def imagenet_file(name: str) -> Path:
 def _torchvision_weights(name: str):
     """The default ImageNet weights, or one sentence on where to put the file when offline."""
     from torchvision import models
+
+    from breakhis_tl.foundation import OFFLINE_ENV
 
     path = imagenet_file(name)
     if not path.is_file() and os.environ.get(OFFLINE_ENV):

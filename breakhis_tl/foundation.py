@@ -37,7 +37,7 @@ from breakhis_tl.transforms import Preprocessing
 log = logging.getLogger(__name__)
 
 # The project's switch (see backbones.py): fail at once instead of trying any download.
-OFFLINE_ENV = "BREAKHIS_TL_OFFLINE"
+OFFLINE_ENV = "BREAKHIS_TL_OFFLINE"  # 1: fail at once, with one sentence, instead of a download
 # Peak CPU memory the batch-size hints aim under (weights + activations of one batch).
 MEMORY_BUDGET = 8 << 30
 # Interpreter, torch and timm before any weights (measured: about 0.7 GiB resident).
