@@ -144,6 +144,7 @@ def _split_file(out, run):
     return pd.read_csv(out / "trained_models" / run / "split.csv")
 
 
+@pytest.mark.slow
 def test_leakage_study_arms_differ_only_by_the_leak_pool(study):
     out, st = study
     patient, leaky = (_split_file(out, st.runs[a]) for a in ("patient", "leaky"))
@@ -169,6 +170,7 @@ def test_leakage_study_arms_differ_only_by_the_leak_pool(study):
     assert patient["protocol"].iloc[0] == "patient" and leaky["protocol"].iloc[0] == "random"
 
 
+@pytest.mark.slow
 def test_leakage_study_scores_every_seed_on_the_same_images(study):
     out, st = study
     assert len(st.gaps) == 3 and list(st.gaps["repeat"]) == [1, 2, 3]
@@ -192,6 +194,7 @@ def test_leakage_study_scores_every_seed_on_the_same_images(study):
     assert conclusion == st.conclusion
 
 
+@pytest.mark.slow
 def test_a_named_study_is_never_overwritten(study):
     out, st = study
     name = st.runs["patient"].removesuffix("_patient")
@@ -199,6 +202,7 @@ def test_a_named_study_is_never_overwritten(study):
         leakage_study(_shared("breakhis_real"), "efficientnet_lite0", out, run=name, epochs=1)
 
 
+@pytest.mark.slow
 def test_run_tables_on_a_real_run(study):
     out, st = study
     folder = out / "trained_models" / st.runs["patient"]
@@ -221,6 +225,7 @@ def test_run_tables_on_a_real_run(study):
     assert (mags.loc[~few, "note"] == "").all()
 
 
+@pytest.mark.slow
 def test_patient_table_and_spanhol_rates(study):
     out, st = study
     run = load_run(out, st.runs["leaky"])
@@ -238,6 +243,7 @@ def test_patient_table_and_spanhol_rates(study):
     assert f"{rates['image_rate']:.3f}" in sentence and f"{rates['patient_rate']:.3f}" in sentence
 
 
+@pytest.mark.slow
 def test_group_by_sensitivity_side_by_side(study):
     out, st = study
     run = load_run(out, st.runs["patient"])

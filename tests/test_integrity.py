@@ -454,7 +454,7 @@ def test_uncalibrated_random_init_is_degenerate_and_stopped(breakhis_sample):
 
 def test_head_is_the_same_alone_or_in_a_larger_run(breakhis_real, tmp_path):
     t = TrainConfig(epochs=3, head="linear")
-    kw = dict(weights="default,mobilenet_v2=none", train=t, protocol="cv", cv=3)
+    kw = dict(weights="default,mobilenet_v2=none", train=t, protocol="cv", cv=3, input_size=96)
     run_training(_cfg(breakhis_real, tmp_path, archs=["mobilenet_v2"], run="alone", fold="2", **kw))
     run_training(
         _cfg(
@@ -514,6 +514,7 @@ def test_repeats_give_one_head_per_seed(breakhis_sample, tmp_path):
     assert len(seeds) == 2
 
 
+@pytest.mark.slow
 def test_eva_protocol_and_recipe_end_to_end_on_real_images(breakhis_real, tmp_path):
     """`train --protocol eva --recipe eva`: eva's 4 classes at 40X, its val slides, its head
     recipe and 5 runs; every output names the recipe."""

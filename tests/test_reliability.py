@@ -201,6 +201,7 @@ def _check_outputs(out: Path) -> tuple[int, int]:
     return len(heads), complete
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_nothing_half_written(breakhis_sample, tmp_path):
     rng = random.Random(1234)
     args = _cmd(

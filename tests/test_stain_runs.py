@@ -118,6 +118,7 @@ def test_no_cache_path_normalises_like_the_cache(paths, lite0):
     assert cos.min() > 0.999  # the cache holds fp16: equal up to that rounding
 
 
+@pytest.mark.slow
 def test_end_to_end_loaders_keep_their_workers_across_epochs(paths, lite0):
     """The end-to-end baseline iterates the same images every epoch: its workers start once
     (starting them each epoch cost it about a quarter of an epoch on 2 cores), the features
@@ -159,6 +160,7 @@ def _train(tree, out, run, archs=("efficientnet_lite0",), **kw):
     return run_training(cfg)
 
 
+@pytest.mark.slow
 def test_head_trained_with_normalisation_makes_predict_normalise(tree, paths, tmp_path):
     ref = tmp_path / "ref.png"
     shutil.copy(next(p for p in paths if not p.endswith(BLANK)), ref)
@@ -220,6 +222,7 @@ def test_command_line_stain_errors_are_one_sentence(tree, tmp_path):
     assert not (tmp_path / "trained_models").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_random_init_calibrates_on_normalised_images_and_predict_agrees(tree, paths, tmp_path):
     """A random-init backbone's batch-norm statistics come from the images it will see:
     normalised ones under --stain, so its identity differs from the plain run's."""
