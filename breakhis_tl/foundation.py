@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 OFFLINE_ENV = "BREAKHIS_TL_OFFLINE"  # 1: fail at once, with one sentence, instead of a download
 # Peak CPU memory the batch-size hints aim under (weights + activations of one batch).
 MEMORY_BUDGET = 8 << 30
-# Interpreter, torch and timm before any weights (measured: about 0.7 GiB resident).
+# Interpreter, torch and timm before any weights, rounded up.
 RUNTIME_OVERHEAD = 1 << 30
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -628,8 +628,8 @@ def _url_file(name: str, url: str) -> Path:
 def peak_memory_estimate(name: str, batch: int) -> int:
     """Bytes of CPU memory one fp32 forward needs: runtime, weights and, per image, the live
     activations of one block (input, qkv, two attention maps, two MLP hidden maps) doubled
-    as a margin for allocator slack and autocast copies. Basis of the presets' batch sizes;
-    measured for `uni` on CPU: 18 MiB per image against 31 MiB estimated."""
+    as a margin for allocator slack and autocast copies: the basis of the presets' batch
+    sizes, erring on the side of fitting."""
     spec = _spec(name)
     vit = _meta(name).vit
     size = spec.prep.input_size
