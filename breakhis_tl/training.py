@@ -222,7 +222,8 @@ def end_to_end_batches(
         transform = OnlineStain(stain, transform)
     ds = EpochSeeded(ImageDataset(paths, transform, labels.tolist()), seed)
     order = EpochShuffle(len(ds), seed)
-    loader = make_loader(ds, batch_size, workers, seed=seed, sampler=order, persistent=True)
+    loader = make_loader(ds, batch_size, workers, seed=seed, sampler=order, persistent=True,
+                         device=device)  # fmt: skip
 
     def batches(epoch: int) -> Batches:
         order.epoch = epoch
@@ -259,7 +260,7 @@ def end_to_end_features(
         stain = stain or StainSetup()
         ds = StainedImages(paths, decode_transform(backbone.prep), stain, paths, [1] * len(paths))
         loader = make_loader(ds, batch_size, workers, collate_fn=collate_noted,
-                             persistent=keep is not None)  # fmt: skip
+                             persistent=keep is not None, device=device)  # fmt: skip
         if keep is not None:
             keep[key] = loader
     feats = torch.zeros(len(paths), backbone.feature_dim)

@@ -137,3 +137,76 @@ def test_fallback_probe_fits_each_c_as_sklearn(breakhis_feats):
     scores = [h["val_balanced_accuracy"] for h in res.history]
     assert res.best_epoch == 1 + int(np.argmax(scores))
     assert np.array_equal(torch.softmax(head(xv), 1).detach().numpy(), seen[res.best_epoch - 1])
+
+
+def test_binary_head_rows_are_opposite_halves():
+    """Two classes: rows -w/2 and +w/2 (so Grad-CAM has a row to follow for each class), with
+    the probabilities of the former form (a row of zeros for class 0, w for class 1)."""
+    from breakhis_tl.training import linear_from_logreg
+
+    rng = np.random.default_rng(0)
+    coef, b = rng.normal(size=(1, 16)), rng.normal(size=1)
+    mean, scale = rng.normal(size=16), rng.uniform(0.5, 2, 16)
+    head = linear_from_logreg(coef, b, mean, scale, 2)
+    w, bias = head[0].weight.detach(), head[0].bias.detach()
+    assert torch.equal(w[0], -w[1]) and torch.equal(bias[0], -bias[1]) and w[1].abs().min() > 0
+    x = torch.as_tensor(rng.normal(size=(50, 16)), dtype=torch.float32)
+    raw = torch.as_tensor(coef / scale, dtype=torch.float32)
+    shift = float(b[0] - ((coef / scale) @ mean)[0])
+    former = torch.cat([torch.zeros(50, 1), x @ raw.T + shift], 1)
+    assert torch.allclose(torch.softmax(head(x), 1), torch.softmax(former, 1), atol=1e-6)
+
+
+def _stop_during_first_solve(monkeypatch):
+    """A stop flag set by the first candidate's first evaluation, and a count of them."""
+    flag, calls = {"stop": False}, []
+    real = logreg.objective
+
+    def spy(p, theta, c):
+        flag["stop"] = True
+        calls.append(c)
+        return real(p, theta, c)
+
+    monkeypatch.setattr(logreg, "objective", spy)
+    return flag, calls
+
+
+def test_ctrl_c_during_the_first_c_ends_the_path(breakhis_feats, monkeypatch):
+    """The flag is polled between evaluations from the second candidate on: the first C
+    finishes (a head needs one), the second stops at once, and its refit is the head."""
+    x, y = breakhis_feats["x"], breakhis_feats["y"]
+    g = breakhis_feats["index"]["patient"].to_numpy()
+    val = np.isin(g, np.unique(g)[::5])
+    flag, calls = _stop_during_first_solve(monkeypatch)
+    stop = lambda: flag["stop"]  # noqa: E731
+    head, res, val_oof = fit_logreg_cv((x[~val], y[~val], g[~val]), (x[val], y[val], g[val]),
+                                       ["a", "b"], TrainConfig(), should_stop=stop)  # fmt: skip
+    assert res.interrupted and len(res.history) == 1 and res.best_epoch == 1
+    assert set(calls) == {LOGREG_C[0]} and len(val_oof) == val.sum()
+    batches = lambda epoch: [(torch.as_tensor(x[~val]), torch.as_tensor(y[~val]))]  # noqa: E731
+    evaluate = lambda h: (y[val], torch.softmax(h(x[val].float()), 1).detach().numpy(), g[val])  # noqa: E731
+    calls.clear()
+    head, res = fit_logreg(batches, evaluate, ["a", "b"], TrainConfig(), should_stop=stop)
+    assert res.interrupted and len(res.history) == 1 and set(calls) == {LOGREG_C[0]}
+
+
+def test_ctrl_c_stops_a_cv_run_of_the_default_head(breakhis_sample, tmp_path, monkeypatch):
+    """A Ctrl-C while the first head's first C is solved (the runner's own handler): that head
+    ends with its first C, no other fold is trained, and the run says it was interrupted."""
+    import signal
+
+    from breakhis_tl.runner import RunConfig, run_training
+
+    real, sent = logreg.solve, []
+
+    def solve(*args, **kw):
+        if not sent:
+            sent.append(signal.raise_signal(signal.SIGINT))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(logreg, "solve", solve)
+    cfg = RunConfig(data=str(breakhis_sample), archs=["efficientnet_lite0"], protocol="cv", cv=3,
+                    run="ctrlc", out=str(tmp_path), workers=0, progress=False)  # fmt: skip
+    res = run_training(cfg)
+    assert res.interrupted and len(res.heads) == 1
+    assert res.history["epoch"].tolist() == [1] and res.results["interrupted"].all()
