@@ -108,10 +108,13 @@ def calibrate(
     batch_size: int = 32,
     workers: int | None = 0,
     stain=None,
+    device: torch.device | str = "cpu",
 ) -> Backbone:
     """Recompute batch-norm running statistics on a seeded sample of `paths`, then freeze.
     `stain` (a StainSetup): normalise them as the features' images will be, so the statistics
-    describe the backbone's real inputs."""
+    describe the backbone's real inputs. The pass runs on `device`, batch by batch, and the
+    module stays there (extraction moves it there anyway): on a GPU run the CPU would
+    otherwise do a forward pass per calibrated backbone and fold."""
     layers = _norm_layers(bb.module)
     if not layers or not paths:
         return bb
@@ -126,14 +129,16 @@ def calibrate(
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all calibration batches
         m.training = True
+    device = torch.device(device)
+    bb.module.to(device)
     torch.manual_seed(seed)
     # NCHW: its statistics vary with the thread count in the 6th digit, channels_last's
     # (1.8x faster) in the 3rd; either way not bit for bit, hence calibration_id
     seen = 0
     try:
-        for x, _, _, _, _ in make_loader(ds, batch_size=batch_size, workers=workers):
+        for x, _, _, _, _ in make_loader(ds, batch_size, workers, device=device):
             if x is not None and len(x) > 1:  # batch-norm in train mode needs two samples
-                bb.module(x.float())
+                bb.module(x.to(device, non_blocking=True).float())
                 seen += len(x)
     finally:
         for m in layers:

@@ -110,12 +110,15 @@ def make_loader(
     collate_fn: Callable = collate,
     sampler: Sampler | None = None,
     persistent: bool = False,
+    device: torch.device | str | None = None,
 ) -> DataLoader:
     """In file order unless a `sampler` orders it (`EpochShuffle`). `persistent`: the workers
     outlive one pass, for a loader iterated every epoch (starting them again each epoch cost
-    the end-to-end baseline about a quarter of its epoch)."""
+    the end-to-end baseline about a quarter of its epoch). `device`: where the batches go,
+    for the default number of workers and pinned memory (a GPU's copies then overlap)."""
     if workers is None:
-        workers = default_workers()
+        workers = default_workers(device)
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
@@ -125,7 +128,7 @@ def make_loader(
         collate_fn=collate_fn,
         persistent_workers=persistent and workers > 0,
         generator=g,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=cuda,
     )
 
 
@@ -169,10 +172,28 @@ class EpochSeeded(Dataset):
             return self.dataset[i]
 
 
-def default_workers() -> int:
-    """A core per worker beside the main process, at most 4; but 2 on a 2-core machine,
-    where 2 was measured the fastest of 0, 1 and 2 workers, or tied with them, for extraction
-    (benchmarks/loader_workers.py), end-to-end epochs with their loaders kept and
-    calibration (README, Performance)."""
+def default_workers(device: torch.device | str | None = None) -> int:
+    """On the CPU: a core per worker beside the main process, at most 4, and 2 on a 2-core
+    machine (benchmarks/loader_workers.py measures the choice). Feeding a GPU, the cores do
+    nothing but decode, and a few workers leave the GPU waiting: every usable core but the
+    main process's, as far as memory allows (`WORKER_GIB` each)."""
     cores = usable_cores()
-    return 0 if cores < 2 else min(4, max(2, cores - 1))
+    cpu_rule = 0 if cores < 2 else min(4, max(2, cores - 1))
+    if device is None or torch.device(device).type != "cuda":
+        return cpu_rule
+    return max(cpu_rule, min(cores - 1, int(available_gib() // WORKER_GIB)))
+
+
+WORKER_GIB = 1.0  # a decoding worker's own memory, with room for its prefetched batches
+
+
+def available_gib() -> float:
+    """Memory free for new processes (MemAvailable), in GiB; unknown counts as plenty."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")

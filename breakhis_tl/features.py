@@ -274,7 +274,9 @@ def _run_block(paths, ids, block, group, device, batch_size, workers, strict, re
         pos[s.req.rows[s.todo]] = s.todo
         pos_of.append(torch.from_numpy(pos))
     failed: dict[int, str] = {}
-    loader = make_loader(ds, batch_size=batch_size, workers=workers, collate_fn=collate_hashed)
+    loader = make_loader(
+        ds, batch_size=batch_size, workers=workers, collate_fn=collate_hashed, device=device
+    )
     for x, rows, _, bad, sizes, notes, hashed in loader:
         for i, pixel in hashed:
             report.pixels[block[i]] = pixel

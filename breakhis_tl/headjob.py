@@ -169,13 +169,15 @@ def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, 
         on_epoch = lambda e, logs: log_epoch(writer, e, logs)  # noqa: E731
         x_val, idx = data.eval_feats("val")
         if data.groups is not None and t.select == "best" and len(idx):
-            train = (data.x_train.float().numpy(), data.labels, data.groups)
-            val = (x_val.float().numpy(), job.y[idx], patients[idx])
-            tuned = fit_logreg_cv(train, val, ctx.classes, t, on_epoch, seed=job.seed)
+            train = (data.x_train, data.labels, data.groups)  # as cached: no float copy
+            val = (x_val, job.y[idx], patients[idx])
+            tuned = fit_logreg_cv(train, val, ctx.classes, t, on_epoch, job.seed, ctx.device,
+                                  lambda: ctx.stop.stop)  # fmt: skip
             if tuned is not None:
                 head, result, data.val_probs = tuned
                 return head, result
-        return fit_logreg(data.batches, evaluate_val, ctx.classes, t, on_epoch, seed=job.seed)
+        return fit_logreg(data.batches, evaluate_val, ctx.classes, t, on_epoch, job.seed,
+                          ctx.device, lambda: ctx.stop.stop)  # fmt: skip
     torch.manual_seed(job.seed)
     head = make_head(t.head, job.backbone.feature_dim, len(ctx.classes), t.hidden, t.dropout)
     result = fit(head, data.batches, evaluate_val, data.labels, ctx.classes, t,

@@ -302,7 +302,7 @@ class Classifier:
         """Probabilities (NaN rows for unreadable inputs), error messages, the original sizes
         of the readable images and the stain-normalisation failures."""
         has_pil = any(isinstance(i, Image.Image) for i in items)
-        workers = default_workers() if workers is None else workers
+        workers = default_workers(self.device) if workers is None else workers
         batches = -(-len(items) // batch_size)  # a worker builds whole batches: no more needed
         loader = DataLoader(
             _InputDataset(items, self.prep, self.stain),

@@ -314,10 +314,10 @@ def _check_selection(cfg: RunConfig, plan: Plan) -> None:
 
 
 def build_backbones(
-    cfg: RunConfig, data: Data, stain: StainSetup | None = None
+    cfg: RunConfig, data: Data, stain: StainSetup | None = None, device="cpu"
 ) -> dict[tuple[str, int | None], Backbone]:
     """(arch, fold) -> frozen backbone. A random init gets its batch-norm statistics from
-    each fold's own training images, so a baseline never sees its test images."""
+    each fold's own training images, so a baseline never sees its test images; on `device`."""
     from breakhis_tl.calibration import calibrate, has_batchnorm
 
     def build(arch, weights):
@@ -338,7 +338,7 @@ def build_backbones(
             bb = base if i == 0 else build(arch, weights)
             train = split.loc[split["split"] == "train", "path"].tolist()
             out[(arch, k)] = calibrate(bb, train, cfg.train.seed, cfg.extract_batch, cfg.workers,
-                                       stain)  # fmt: skip
+                                       stain, device)  # fmt: skip
     return out
 
 
@@ -440,7 +440,7 @@ def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict
     store = ImageStore(cache_root / "images.sqlite")
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes, selecting=False)
-    backbones = build_backbones(cfg, data, stain)
+    backbones = build_backbones(cfg, data, stain, device)
     # a shard hashes its own images only: the check, which needs them all, is train's
     whole = shard is None or shard[1] == 1
     check_first = whole and pictures_known(data, store)
@@ -576,7 +576,8 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
     data = prepare_data(cfg, task, classes)
     watch.lap("index and split")
-    backbones = build_backbones(cfg, data, stain)  # a missing weights file stops the run here
+    # a missing weights file stops the run here
+    backbones = build_backbones(cfg, data, stain, device)
     watch.lap("backbones (and batch-norm calibration)")
     check_first = headjob.runs_end_to_end(cfg) or pictures_known(data, store)
     if check_first:  # else after the extraction, hashed in its decode

@@ -18,6 +18,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
+from breakhis_tl import logreg
 from breakhis_tl.dataset import epoch_seed
 from breakhis_tl.metrics import compute_metrics
 
@@ -238,7 +239,8 @@ def end_to_end_batches(
         transform = OnlineStain(stain, transform)
     ds = EpochSeeded(ImageDataset(paths, transform, labels.tolist()), seed)
     order = EpochShuffle(len(ds), seed)
-    loader = make_loader(ds, batch_size, workers, seed=seed, sampler=order, persistent=True)
+    loader = make_loader(ds, batch_size, workers, seed=seed, sampler=order, persistent=True,
+                         device=device)  # fmt: skip
 
     def batches(epoch: int) -> Batches:
         order.epoch = epoch
@@ -275,7 +277,7 @@ def end_to_end_features(
         stain = stain or StainSetup()
         ds = StainedImages(paths, decode_transform(backbone.prep), stain, paths, [1] * len(paths))
         loader = make_loader(ds, batch_size, workers, collate_fn=collate_noted,
-                             persistent=keep is not None)  # fmt: skip
+                             persistent=keep is not None, device=device)  # fmt: skip
         if keep is not None:
             keep[key] = loader
     feats = torch.zeros(len(paths), backbone.feature_dim)
@@ -293,24 +295,41 @@ def end_to_end_features(
 LOGREG_C = tuple(float(c) for c in np.logspace(-4, 2, 7))  # inverse regularisation strengths
 
 
-def _collect(train_batches: Callable[[int], Batches]) -> tuple[np.ndarray, np.ndarray]:
+def _collect(train_batches: Callable[[int], Batches]) -> tuple[torch.Tensor, np.ndarray]:
     xs, ys = zip(*((x.float(), y) for x, y in train_batches(1)), strict=True)
-    return torch.cat(xs).numpy().astype(np.float64), torch.cat(ys).numpy()
+    return torch.cat(xs), torch.cat(ys).numpy()
 
 
-def linear_from_logreg(model, mean: np.ndarray, scale: np.ndarray, n_classes: int) -> nn.Module:
+def linear_from_logreg(
+    coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_classes: int
+) -> nn.Module:
     """A plain linear head with the standardisation folded in: the same head file, predict
-    and Grad-CAM work for it as for any linear head."""
-    coef = np.asarray(model.coef_, dtype=np.float64) / scale
-    bias = np.asarray(model.intercept_, dtype=np.float64) - coef @ mean
-    if n_classes == 2 and coef.shape[0] == 1:  # binary: logit of class 1 against 0
-        coef = np.vstack([np.zeros_like(coef), coef])
-        bias = np.concatenate([[0.0], bias])
+    and Grad-CAM work for it as for any linear head. `coef` (rows, features) and `intercept`
+    are on the standardised features, as scikit-learn's `coef_` and `intercept_`. A binary
+    model's one row w (the logit of class 1 against 0) becomes the rows -w/2 and +w/2: the
+    softmax is the same sigmoid, and each class has a row of its own for Grad-CAM to follow
+    (a row of zeros for class 0 left its map blank)."""
+    coef = np.asarray(coef, dtype=np.float64) / scale
+    bias = np.asarray(intercept, dtype=np.float64) - coef @ mean
+    if n_classes == 2 and coef.shape[0] == 1:
+        coef, bias = np.vstack([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
     head = nn.Sequential(nn.Linear(coef.shape[1], n_classes))
     with torch.no_grad():
         head[0].weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
         head[0].bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
     return head.eval()
+
+
+def _fold_head(p: logreg.Problem, theta: torch.Tensor, f: int = 0) -> nn.Module:
+    return linear_from_logreg(*logreg.fold_linear(p, theta, f), p.n_classes)
+
+
+def _solve(p, c, theta, k, should_stop):
+    """One candidate's solve; the flag is polled inside it from the second candidate on (the
+    first, the strongest penalty and the quickest, always ends, so a head always exists)."""
+    theta, iters = logreg.solve(p, c, theta, should_stop if k > 1 else None)
+    log.debug("Logistic regression, C = %g: %d L-BFGS iterations.", c, iters)
+    return theta
 
 
 def fit_logreg(
@@ -320,28 +339,30 @@ def fit_logreg(
     cfg: TrainConfig,
     on_epoch: Callable[[int, dict], None] | None = None,
     seed: int = 0,
+    device: torch.device | str = "cpu",
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[nn.Module, FitResult]:
     """The linear probe of CLIP and DINOv2 evaluations: L-BFGS logistic regression on
     standardised features, trained to convergence whatever the data size, its strength C
     chosen on the validation patients only (`select last`: C = 1, nothing selected). The
     fallback of `fit_logreg_cv`, for splits with too few patients to cross-validate.
-    Each candidate C is one row of the history (its `epoch` is the candidate's number)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
+    Each candidate C is one row of the history (its `epoch` is the candidate's number).
+    A Ctrl-C (`should_stop`) ends the path: the best candidate finished so far is kept."""
     start = time.perf_counter()
     x, y = _collect(train_batches)
-    scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
-    weight = "balanced" if cfg.class_weighted else None
+    p = logreg.standardise([x], y, len(classes), device)
+    logreg.set_folds(p, np.ones((1, len(y)), bool), cfg.class_weighted)
     grid = (1.0,) if cfg.select == "last" else LOGREG_C
-    history, heads, best = [], [], 0
+    history, heads, best, theta, interrupted = [], [], 0, logreg.zeros(p), False
     for k, c in enumerate(grid, start=1):
         t0 = time.perf_counter()
-        model = LogisticRegression(C=c, class_weight=weight, max_iter=5000, random_state=seed)
-        model.fit(z, y)
-        head = linear_from_logreg(model, scaler.mean_, scaler.scale_, len(classes))
-        train_p = predict_features(head, torch.as_tensor(x, dtype=torch.float32))
+        try:
+            theta = _solve(p, c, theta, k, should_stop)
+        except logreg.Interrupted:
+            interrupted = True
+            break
+        head = _fold_head(p, theta)
+        train_p = predict_features(head, x, device)
         y_val, p_val, patients = evaluate_val(head)
         val_m = compute_metrics(y_val, p_val, classes, patients, quiet=True)
         train_m = compute_metrics(y, train_p, classes, curves_only=True)
@@ -355,10 +376,19 @@ def fit_logreg(
             on_epoch(k, logs)
         if _score(val_m) > _score(history[best - 1] if best else {}) or not best:
             best = k
-    log.info("Logistic regression: C = %g chosen on the validation set.", grid[best - 1])
+    interrupted = interrupted or should_stop()
+    _say_chosen(grid[best - 1], "on the validation set", interrupted, len(history), len(grid))
     head = heads[best - 1]
     state = copy.deepcopy(head.state_dict())
-    return head, FitResult(history, state, best, False, time.perf_counter() - start)
+    return head, FitResult(history, state, best, interrupted, time.perf_counter() - start)
+
+
+def _say_chosen(c: float, how: str, interrupted: bool, done: int, grid: int) -> None:
+    if interrupted:
+        log.warning("Interrupted: C = %g chosen %s among the first %d of %d candidates.",
+                    c, how, done, grid)  # fmt: skip
+    else:
+        log.info("Logistic regression: C = %g chosen %s.", c, how)
 
 
 def _nll(p: np.ndarray, y: np.ndarray) -> float:
@@ -367,63 +397,86 @@ def _nll(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
 
 
+def _cv_row(k: int, c: float, y, oof, is_val, classes: list[str], t0: float) -> dict:
+    """One candidate's history row: out-of-fold metrics of the pool, its train and val parts."""
+    pool_m = compute_metrics(y, oof, classes, curves_only=True)
+    val_m = compute_metrics(y[is_val], oof[is_val], classes, quiet=True)
+    return {"epoch": k, "C": c, "train_loss": _nll(oof[~is_val], y[~is_val]),
+            "val_loss": _nll(oof[is_val], y[is_val]), "cv_balanced_accuracy":
+            pool_m["balanced_accuracy"],
+            **{f"train_{m}": v for m, v in compute_metrics(
+                y[~is_val], oof[~is_val], classes, curves_only=True).items()},
+            **{f"val_{m}": v for m, v in val_m.items() if m != "confusion"},
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def _cv_path(p, splits, y, is_val, classes, on_epoch, should_stop) -> tuple[list, ...]:
+    """Every fold solved together, C ascending, each warm-started from the last: one history
+    row, the out-of-fold probabilities and the fold solutions per finished candidate."""
+    history, oofs, thetas, theta = [], [], [], logreg.zeros(p)
+    for k, c in enumerate(LOGREG_C, start=1):
+        t0 = time.perf_counter()
+        try:
+            theta = _solve(p, c, theta, k, should_stop)
+        except logreg.Interrupted:
+            break
+        probs = logreg.probabilities(p, theta)
+        oof = np.zeros((len(y), len(classes)))
+        for f, (_, te) in enumerate(splits):
+            oof[te] = probs[te, f]
+        history.append(_cv_row(k, c, y, oof, is_val, classes, t0))
+        oofs.append(oof)
+        thetas.append(theta)
+        if on_epoch:
+            on_epoch(k, history[-1])
+    return history, oofs, thetas
+
+
 def fit_logreg_cv(
-    train: tuple[np.ndarray, np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray, np.ndarray],
+    train: tuple,
+    val: tuple,
     classes: list[str],
     cfg: TrainConfig,
     on_epoch: Callable[[int, dict], None] | None = None,
     seed: int = 0,
+    device: torch.device | str = "cpu",
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[nn.Module, FitResult, np.ndarray] | None:
     """The default linear probe, tuned as a careful user tunes scikit-learn's: C chosen by
     patient-grouped k-fold CV over the training and validation patients (out-of-fold
     balanced accuracy; one small validation set alone picks C noisily), then refit on all of
-    them. The test side is never seen. Returns the head, its history (one row per C, with
-    out-of-fold metrics on the validation images) and the out-of-fold probabilities of the
-    validation images at the chosen C: the honest `val (selected)` score, since the refit
-    head has seen those images."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    them. The test side is never seen. `train` and `val`: (features, labels, patients), the
+    features an array or tensor of any float dtype. Returns the head, its history (one row
+    per C, with out-of-fold metrics on the validation images) and the out-of-fold
+    probabilities of the validation images at the chosen C: the honest `val (selected)`
+    score, since the refit head has seen those images. A Ctrl-C (`should_stop`) ends the C
+    path at once; the best candidate finished so far is refit."""
+    from sklearn.model_selection import StratifiedGroupKFold
 
     start = time.perf_counter()
-    x = np.concatenate([train[0], val[0]]).astype(np.float64)
-    y = np.concatenate([train[1], val[1]])
+    y = np.concatenate([np.asarray(train[1]), np.asarray(val[1])])
     groups = np.concatenate([train[2], val[2]])
     is_val = np.r_[np.zeros(len(train[1]), bool), np.ones(len(val[1]), bool)]
     per_class = min(len(set(groups[y == c])) for c in np.unique(y))
     if per_class < 2 or len(np.unique(y)) < len(classes):
         return None  # too few patients to cross-validate: the caller picks C on val alone
     cv = StratifiedGroupKFold(n_splits=min(5, per_class), shuffle=True, random_state=seed)
-    weight = "balanced" if cfg.class_weighted else None
-    history, oofs, best = [], [], 0
-    for k, c in enumerate(LOGREG_C, start=1):
-        t0 = time.perf_counter()
-        pipe = make_pipeline(StandardScaler(), LogisticRegression(
-            C=c, class_weight=weight, max_iter=5000, random_state=seed))  # fmt: skip
-        oof = cross_val_predict(pipe, x, y, groups=groups, cv=cv, method="predict_proba")
-        oofs.append(oof)
-        pool_m = compute_metrics(y, oof, classes, curves_only=True)
-        val_m = compute_metrics(y[is_val], oof[is_val], classes, quiet=True)
-        logs = {"epoch": k, "C": c, "train_loss": _nll(oof[~is_val], y[~is_val]),
-                "val_loss": _nll(oof[is_val], y[is_val]), "cv_balanced_accuracy":
-                pool_m["balanced_accuracy"],
-                **{f"train_{m}": v for m, v in compute_metrics(
-                    y[~is_val], oof[~is_val], classes, curves_only=True).items()},
-                **{f"val_{m}": v for m, v in val_m.items() if m != "confusion"},
-                "seconds": time.perf_counter() - t0}  # fmt: skip
-        history.append(logs)
-        if on_epoch:
-            on_epoch(k, logs)
-        if not best or pool_m["balanced_accuracy"] > history[best - 1]["cv_balanced_accuracy"]:
-            best = k
-    c = LOGREG_C[best - 1]
-    log.info("Logistic regression: C = %g chosen by %d-fold patient-grouped CV.", c, cv.n_splits)
-    scaler = StandardScaler().fit(x)
-    model = LogisticRegression(C=c, class_weight=weight, max_iter=5000, random_state=seed)
-    model.fit(scaler.transform(x), y)
-    head = linear_from_logreg(model, scaler.mean_, scaler.scale_, len(classes))
+    splits = list(cv.split(np.zeros((len(y), 1)), y, groups))
+    fold_rows = np.zeros((len(splits), len(y)), bool)
+    for f, (tr, _) in enumerate(splits):
+        fold_rows[f, tr] = True
+    p = logreg.standardise([train[0], val[0]], y, len(classes), device)
+    logreg.set_folds(p, fold_rows, cfg.class_weighted)
+    history, oofs, thetas = _cv_path(p, splits, y, is_val, classes, on_epoch, should_stop)
+    best = 1  # the first of equal scores, as the candidates come
+    for k, h in enumerate(history, start=1):
+        best = k if h["cv_balanced_accuracy"] > history[best - 1]["cv_balanced_accuracy"] else best
+    interrupted = len(history) < len(LOGREG_C) or should_stop()
+    _say_chosen(LOGREG_C[best - 1], f"by {cv.n_splits}-fold patient-grouped CV", interrupted,
+                len(history), len(LOGREG_C))  # fmt: skip
+    warm = logreg.fold_mean(p, thetas[best - 1])
+    logreg.set_folds(p, np.ones((1, len(y)), bool), cfg.class_weighted)
+    head = _fold_head(p, _solve(p, LOGREG_C[best - 1], warm, 1, None))
     state = copy.deepcopy(head.state_dict())
-    result = FitResult(history, state, best, False, time.perf_counter() - start)
+    result = FitResult(history, state, best, interrupted, time.perf_counter() - start)
     return head, result, oofs[best - 1][is_val]

@@ -82,3 +82,29 @@ def test_save_cams_figure(clf, breakhis_sample, tmp_path, monkeypatch):
         assert crop[0].get_array().shape[:2] == (224, 224)
     with Image.open(written[0]) as im:
         assert im.width > 1.6 * im.height  # crop and overlay side by side
+
+
+def test_both_classes_of_the_default_head_have_a_map(clf, breakhis_sample):
+    """The default (logistic regression) head has a row per class, so an image predicted
+    benign gets a Grad-CAM of its class as one predicted malignant does: non-zero (a row of
+    zeros for class 0 made every benign map 0 everywhere)."""
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from breakhis_tl.transforms import decode_transform, normalize
+
+    assert clf.meta["head"] == "logreg"
+    paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))
+    pred = clf.predict(paths, workers=0, progress=False)["prediction"].tolist()
+    chosen = {c: paths[pred.index(c)] for c in clf.classes}  # one image predicted each class
+    model = cam._Full(clf.backbone.module, clf.head).float()
+    layer = cam.target_layer(clf.meta["arch"], clf.backbone.module)
+    with GradCAM(model=model, target_layers=[layer]) as grad_cam:
+        grad_cam.compute_input_gradient = True
+        for k, c in enumerate(clf.classes):
+            with Image.open(chosen[c]) as im:
+                x = normalize(decode_transform(clf.prep)(im.convert("RGB")), clf.prep)[None]
+            with torch.enable_grad():
+                heat = grad_cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
+            assert heat.max() > 0, (chosen[c], c)
