@@ -37,7 +37,7 @@ from breakhis_tl.training import (
 )
 
 if TYPE_CHECKING:
-    from breakhis_tl.runner import RunConfig
+    from breakhis_tl.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def training_data(ctx, job: HeadJob) -> TrainingData:
             return f[ok], idx[ok.numpy()]
 
         return TrainingData(batches, job.y[tr], _memo_val(eval_feats, cached=False), [])
-    from breakhis_tl.runner import view_pairs
+    from breakhis_tl.config import view_pairs
 
     f0, ok0 = ctx.feats[(job.backbone.name, job.backbone.weights_id, 0, 0)]
     f_all, ok = f0[job.rows], ok0[job.rows].numpy()
