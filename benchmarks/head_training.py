@@ -37,13 +37,12 @@ def main() -> None:
     torch.optim.AdamW(make_head("linear", 4, 2).parameters())
     t0 = time.perf_counter()
     res = fit(
-        head,
+        head.to(device),
         feature_batches(xt, yt, cfg.batch_size, 0),
         lambda h: (yv, predict_features(h, xv, device), list(range(n_val))),
         yt.numpy(),
         ["benign", "malignant"],
         cfg,
-        device=device,
     )
     seconds = time.perf_counter() - t0
     record = {

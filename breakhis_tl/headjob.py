@@ -6,6 +6,7 @@ about one of them lives here, so each stage can be read and named on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +27,9 @@ from breakhis_tl.metrics import METRICS, compute_metrics
 from breakhis_tl.plots import plot_confusion, plot_curves
 from breakhis_tl.tblog import log_epoch, log_final, open_writer
 from breakhis_tl.training import (
+    Feed,
     FitResult,
+    Hooks,
     end_to_end_batches,
     end_to_end_features,
     feature_batches,
@@ -99,18 +102,18 @@ def training_data(ctx, job: HeadJob) -> TrainingData:
     paths = job.split["path"].tolist()
     if runs_end_to_end(cfg):
         tr = np.flatnonzero(side == "train")
-        bb, fp, workers = job.backbone, job_mode(ctx, job), cfg.workers
-        batches = end_to_end_batches(bb, [paths[i] for i in tr], job.y[tr], t.batch_size,
-                                     job.seed, ctx.device, fp, workers, ctx.stain)  # fmt: skip
+        bb, fp = job.backbone, job_mode(ctx, job)
+        feed = Feed(t.batch_size, ctx.device, fp, cfg.workers, ctx.stain)
+        batches = end_to_end_batches(bb, [paths[i] for i in tr], job.y[tr], job.seed, feed)
+        val_feed = dataclasses.replace(feed, batch_size=cfg.extract_batch)
 
         loaders = {}  # the val loader, its workers kept from one epoch to the next
 
         def eval_feats(s):
             idx = np.flatnonzero(side == s)
             chosen = [paths[i] for i in idx]
-            f, ok, notes = end_to_end_features(bb, chosen, cfg.extract_batch, ctx.device, fp,
-                                               workers, ctx.stain,
-                                               loaders if s == "val" else None)  # fmt: skip
+            keep = loaders if s == "val" else None
+            f, ok, notes = end_to_end_features(bb, chosen, val_feed, keep)
             ctx.fallbacks.update({chosen[i]: msg for i, msg in notes.items()})
             return f[ok], idx[ok.numpy()]
 
@@ -180,9 +183,9 @@ def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, 
                           ctx.device, lambda: ctx.stop.stop)  # fmt: skip
     torch.manual_seed(job.seed)
     head = make_head(t.head, job.backbone.feature_dim, len(ctx.classes), t.hidden, t.dropout)
-    result = fit(head, data.batches, evaluate_val, data.labels, ctx.classes, t,
-                 on_epoch=lambda e, logs: log_epoch(writer, e, logs),
-                 should_stop=lambda: ctx.stop.stop, device=ctx.device, seed=job.seed)  # fmt: skip
+    hooks = Hooks(lambda e, logs: log_epoch(writer, e, logs), lambda: ctx.stop.stop)
+    result = fit(head.to(ctx.device), data.batches, evaluate_val, data.labels, ctx.classes, t,
+                 hooks, seed=job.seed)  # fmt: skip
     return head, result
 
 

@@ -72,6 +72,15 @@ def _score(metrics: dict) -> float:
     return -math.inf if v is None or math.isnan(v) else v
 
 
+@dataclass
+class Hooks:
+    """What the caller hears and says during the epochs: each epoch's logs, and whether to
+    stop (Ctrl-C) after the epoch in progress."""
+
+    on_epoch: Callable[[int, dict], None] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+
+
 def fit(
     head: nn.Module,
     train_batches: Callable[[int], Batches],
@@ -79,20 +88,19 @@ def fit(
     train_labels: np.ndarray,
     classes: list[str],
     cfg: TrainConfig,
-    on_epoch: Callable[[int, dict], None] | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    device: torch.device | str = "cpu",
+    hooks: Hooks | None = None,
     seed: int | None = None,
 ) -> FitResult:
     """`train_batches(epoch)` yields (features, labels); `evaluate_val(head)` returns
-    (labels, probabilities, patients) of the validation images. `seed`: the head's own
-    seed (default `cfg.seed`), so a head never depends on what else shares the run."""
+    (labels, probabilities, patients) of the validation images. The head trains on the
+    device it is on. `seed`: the head's own seed (default `cfg.seed`), so a head never
+    depends on what else shares the run."""
+    hooks = hooks or Hooks()
     torch.manual_seed(cfg.seed if seed is None else seed)
-    head.to(device)
+    device = next(head.parameters()).device
+    weights = torch.ones(len(classes), device=device)
     if cfg.class_weighted:
         weights = class_weights(train_labels, len(classes)).to(device)
-    else:
-        weights = torch.ones(len(classes), device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = _warmup(opt, cfg)
@@ -102,70 +110,87 @@ def fit(
     interrupted, steps = False, 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        head.train()
-        losses, ys, ps = [], [], []
-        for x, y in train_batches(epoch):
-            if cfg.max_steps is not None and steps >= cfg.max_steps:
-                break
-            steps += 1
-            x, y = x.to(device).float(), y.to(device)
-            logits = head(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append((loss.item(), len(y)))
-            ys.append(y.cpu())
-            ps.append(torch.softmax(logits.detach(), 1).cpu())
-        head.eval()
-        t_eval = time.perf_counter()
-        y_val, p_val, patients = evaluate_val(head)
-        train_m = compute_metrics(
-            torch.cat(ys).numpy(), torch.cat(ps).numpy(), classes, curves_only=True
-        )
-        val_m = compute_metrics(y_val, p_val, classes, patients, quiet=True)
-        val_loss = nn.functional.nll_loss(
-            torch.log(torch.as_tensor(p_val).clamp_min(1e-12)).float(),
-            torch.as_tensor(y_val), weight=weights.cpu(),
-        ).item() if len(y_val) else float("nan")  # fmt: skip
-        logs = {
-            "epoch": epoch,
-            "train_loss": sum(a * n for a, n in losses) / max(1, sum(n for _, n in losses)),
-            "val_loss": val_loss,
-            **{f"train_{k}": v for k, v in train_m.items() if k != "confusion"},
-            **{f"val_{k}": v for k, v in val_m.items() if k != "confusion"},
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - t0,
-            "eval_seconds": time.perf_counter() - t_eval,  # validation pass and all metrics
-        }
+        seen, steps = _train_epoch(head, train_batches(epoch), loss_fn, opt, cfg, steps)
+        logs = {"epoch": epoch, **_epoch_logs(head, evaluate_val, seen, classes, weights)}
+        score = logs.pop("_score")
+        logs.update(lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
         if warmup is not None:
             warmup.step()  # per epoch, as Lightning steps an epoch-interval scheduler
         history.append(logs)
-        if on_epoch:
-            on_epoch(epoch, logs)
-        score = _score(val_m)
+        if hooks.on_epoch:
+            hooks.on_epoch(epoch, logs)
         if cfg.select == "last" or score > best or epoch == 1:
             best, best_epoch, since_best = score, epoch, 0
             best_state = copy.deepcopy(head.state_dict())
         else:
             since_best += 1
-        if should_stop():
+        if hooks.should_stop():
             interrupted = True
             log.warning("Interrupted: stopped after epoch %d, keeping the best head so far.", epoch)
             break
-        if cfg.max_steps is not None and steps >= cfg.max_steps:
-            log.info("Step budget of %d optimiser steps reached at epoch %d.", steps, epoch)
-            break
-        if cfg.select == "best" and since_best >= cfg.patience:
-            log.info(
-                "Early stop at epoch %d: no better val balanced accuracy for %d epochs.",
-                epoch,
-                cfg.patience,
-            )
+        if _stop_early(cfg, steps, epoch, since_best):
             break
     head.load_state_dict(best_state)
     head.eval()
     return FitResult(history, best_state, best_epoch, interrupted, time.perf_counter() - start)
+
+
+def _train_epoch(head, batches: Batches, loss_fn, opt, cfg: TrainConfig, steps: int):
+    """One pass of AdamW steps (up to the step budget): the (loss, n) of each batch, its
+    labels and softmax outputs, and the steps taken so far."""
+    device = next(head.parameters()).device
+    head.train()
+    losses, ys, ps = [], [], []
+    for x, y in batches:
+        if cfg.max_steps is not None and steps >= cfg.max_steps:
+            break
+        steps += 1
+        x, y = x.to(device).float(), y.to(device)
+        logits = head(x)
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append((loss.item(), len(y)))
+        ys.append(y.cpu())
+        ps.append(torch.softmax(logits.detach(), 1).cpu())
+    head.eval()
+    return (losses, ys, ps), steps
+
+
+def _epoch_logs(head, evaluate_val, seen, classes: list[str], weights: torch.Tensor) -> dict:
+    """The epoch's row of the history: train metrics from the pass just made, val metrics
+    from a fresh validation pass, and (under `_score`) what selects the head."""
+    losses, ys, ps = seen
+    t_eval = time.perf_counter()
+    y_val, p_val, patients = evaluate_val(head)
+    train_m = compute_metrics(torch.cat(ys).numpy(), torch.cat(ps).numpy(), classes,
+                              curves_only=True)  # fmt: skip
+    val_m = compute_metrics(y_val, p_val, classes, patients, quiet=True)
+    val_loss = float("nan")
+    if len(y_val):
+        log_p = torch.log(torch.as_tensor(p_val).clamp_min(1e-12)).float()
+        val_loss = nn.functional.nll_loss(log_p, torch.as_tensor(y_val), weight=weights.cpu())
+        val_loss = val_loss.item()
+    return {
+        "train_loss": sum(a * n for a, n in losses) / max(1, sum(n for _, n in losses)),
+        "val_loss": val_loss,
+        **{f"train_{k}": v for k, v in train_m.items() if k != "confusion"},
+        **{f"val_{k}": v for k, v in val_m.items() if k != "confusion"},
+        "eval_seconds": time.perf_counter() - t_eval,  # validation pass and all metrics
+        "_score": _score(val_m),
+    }
+
+
+def _stop_early(cfg: TrainConfig, steps: int, epoch: int, since_best: int) -> bool:
+    if cfg.max_steps is not None and steps >= cfg.max_steps:
+        log.info("Step budget of %d optimiser steps reached at epoch %d.", steps, epoch)
+        return True
+    if cfg.select == "best" and since_best >= cfg.patience:
+        log.info("Early stop at epoch %d: no better val balanced accuracy for %d epochs.",
+                 epoch, cfg.patience)  # fmt: skip
+        return True
+    return False
 
 
 def _warmup(opt: torch.optim.Optimizer, cfg: TrainConfig):
@@ -210,16 +235,20 @@ def predict_features(
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
+@dataclass
+class Feed:
+    """How images reach the backbone when nothing is cached: batch size, device, compute
+    mode, loader workers and the stain setup (a StainSetup or None)."""
+
+    batch_size: int
+    device: torch.device | str
+    path: object  # the compute mode (FastPath)
+    workers: int | None = None
+    stain: object = None
+
+
 def end_to_end_batches(
-    backbone,
-    paths: list[str],
-    labels: np.ndarray,
-    batch_size: int,
-    seed: int,
-    device,
-    path,
-    workers: int | None = None,
-    stain=None,
+    backbone, paths: list[str], labels: np.ndarray, seed: int, feed: Feed
 ) -> Callable[[int], Batches]:
     """Every epoch, every training image through the frozen backbone with online augmentation:
     what most tutorials do, and the baseline the feature cache is measured against. `stain`
@@ -234,34 +263,27 @@ def end_to_end_batches(
     from breakhis_tl.features import run_backbone
     from breakhis_tl.transforms import train_preset
 
-    transform = train_preset(backbone.prep)
+    transform, stain, device = train_preset(backbone.prep), feed.stain, feed.device
     if stain is not None and (stain.method != "none" or stain.views):
         transform = OnlineStain(stain, transform)
     ds = EpochSeeded(ImageDataset(paths, transform, labels.tolist()), seed)
     order = EpochShuffle(len(ds), seed)
-    loader = make_loader(ds, batch_size, workers, seed=seed, sampler=order, persistent=True,
-                         device=device)  # fmt: skip
+    loader = make_loader(ds, feed.batch_size, feed.workers, seed=seed, sampler=order,
+                         persistent=True, device=device)  # fmt: skip
 
     def batches(epoch: int) -> Batches:
         order.epoch = epoch
         for x, y, _, _, _ in loader:
             if x is not None:
                 # a clone outside inference mode, so autograd may use it in the head
-                yield run_backbone(backbone, x.to(device), path).clone(), y
+                yield run_backbone(backbone, x.to(device), feed.path).clone(), y
 
     batches.loader = loader  # for a look at its workers (tests); the closure keeps it alive
     return batches
 
 
 def end_to_end_features(
-    backbone,
-    paths: list[str],
-    batch_size: int,
-    device,
-    path,
-    workers: int | None = None,
-    stain=None,
-    keep: dict | None = None,
+    backbone, paths: list[str], feed: Feed, keep: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
     """Eval-preset features of `paths` computed now (no cache): (features, ok mask, and the
     images whose stain normalisation failed, by position, with why). `keep`: a dict that
@@ -274,10 +296,10 @@ def end_to_end_features(
     key = tuple(paths)
     loader = keep.get(key) if keep is not None else None
     if loader is None:
-        stain = stain or StainSetup()
+        stain = feed.stain or StainSetup()
         ds = StainedImages(paths, decode_transform(backbone.prep), stain, paths, [1] * len(paths))
-        loader = make_loader(ds, batch_size, workers, collate_fn=collate_noted,
-                             persistent=keep is not None, device=device)  # fmt: skip
+        loader = make_loader(ds, feed.batch_size, feed.workers, collate_fn=collate_noted,
+                             persistent=keep is not None, device=feed.device)  # fmt: skip
         if keep is not None:
             keep[key] = loader
     feats = torch.zeros(len(paths), backbone.feature_dim)
@@ -286,8 +308,8 @@ def end_to_end_features(
     for x, _, idx, _, _, noted in loader:
         notes.update(noted)
         if x is not None:
-            x = normalize(x[:, 0].to(device), backbone.prep)
-            feats[idx] = run_backbone(backbone, x, path).cpu()
+            x = normalize(x[:, 0].to(feed.device), backbone.prep)
+            feats[idx] = run_backbone(backbone, x, feed.path).cpu()
             ok[idx] = True
     return feats, ok, notes
 

@@ -17,7 +17,7 @@ from matplotlib.collections import PolyCollection  # noqa: E402
 from breakhis_tl import plots, tblog  # noqa: E402
 from breakhis_tl.heads import make_head  # noqa: E402
 from breakhis_tl.metrics import METRICS, compute_metrics  # noqa: E402
-from breakhis_tl.training import TrainConfig, feature_batches, fit  # noqa: E402
+from breakhis_tl.training import Hooks, TrainConfig, feature_batches, fit  # noqa: E402
 
 CLASSES = ["benign", "malignant"]
 
@@ -37,7 +37,7 @@ def _train(seed: int, epochs: int = 25, patience: int = 4, on_epoch=None):
         return y[va].numpy(), p, [f"p{i % 9}" for i in range(80)]
 
     batches = feature_batches(x[tr].half(), y[tr], cfg.batch_size, seed)
-    result = fit(head, batches, evaluate_val, y[tr].numpy(), CLASSES, cfg, on_epoch=on_epoch)
+    result = fit(head, batches, evaluate_val, y[tr].numpy(), CLASSES, cfg, Hooks(on_epoch))
     return result, head, evaluate_val
 
 

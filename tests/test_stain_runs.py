@@ -24,7 +24,7 @@ from breakhis_tl.features import Request, extract
 from breakhis_tl.predict import Classifier
 from breakhis_tl.runner import RunConfig, run_training
 from breakhis_tl.stain import StainNormaliser, StainSetup
-from breakhis_tl.training import TrainConfig, end_to_end_features
+from breakhis_tl.training import Feed, TrainConfig, end_to_end_features
 
 FP32 = FastPath()  # plain fp32: features comparable bit for bit across runs
 BLANK = (
@@ -112,7 +112,7 @@ def test_stain_views_are_deterministic_under_a_seed_and_differ_by_view(paths, li
 def test_no_cache_path_normalises_like_the_cache(paths, lite0):
     macenko = StainSetup(StainNormaliser("macenko"))
     ((cached, _),), _ = _extract(paths, lite0, None, macenko)
-    live, ok, notes = end_to_end_features(lite0, paths, 8, "cpu", FP32, 0, macenko)
+    live, ok, notes = end_to_end_features(lite0, paths, Feed(8, "cpu", FP32, 0, macenko))
     assert ok.all() and list(notes) == [paths.index(next(p for p in paths if p.endswith(BLANK)))]
     cos = torch.nn.functional.cosine_similarity(live, cached.float())
     assert cos.min() > 0.999  # the cache holds fp16: equal up to that rounding
@@ -127,10 +127,10 @@ def test_end_to_end_loaders_keep_their_workers_across_epochs(paths, lite0):
     from breakhis_tl.training import end_to_end_batches
 
     keep = {}
-    first, ok1, _ = end_to_end_features(lite0, paths[:6], 4, "cpu", FP32, 1, keep=keep)
+    first, ok1, _ = end_to_end_features(lite0, paths[:6], Feed(4, "cpu", FP32, 1), keep=keep)
     (loader,) = keep.values()
     pids = [w.pid for w in loader._iterator._workers]
-    again, ok2, _ = end_to_end_features(lite0, paths[:6], 4, "cpu", FP32, 1, keep=keep)
+    again, ok2, _ = end_to_end_features(lite0, paths[:6], Feed(4, "cpu", FP32, 1), keep=keep)
     assert list(keep.values()) == [loader] and [w.pid for w in loader._iterator._workers] == pids
     assert ok1.all() and ok2.all() and torch.equal(first, again)
 
@@ -139,7 +139,7 @@ def test_end_to_end_loaders_keep_their_workers_across_epochs(paths, lite0):
         return torch.cat(xs), torch.cat(ys).tolist()
 
     labels = np.arange(6)
-    one = end_to_end_batches(lite0, paths[:6], labels, 2, 7, "cpu", FP32, workers=1)
+    one = end_to_end_batches(lite0, paths[:6], labels, 7, Feed(2, "cpu", FP32, workers=1))
     x1, y1 = epoch(one, 1)
     pids = [w.pid for w in one.loader._iterator._workers]
     x2, y2 = epoch(one, 2)
@@ -148,7 +148,9 @@ def test_end_to_end_loaders_keep_their_workers_across_epochs(paths, lite0):
     by_image = [x[torch.argsort(torch.tensor(y))] for x, y in ((x1, y1), (x2, y2))]
     assert not any(torch.equal(a, b) for a, b in zip(*by_image, strict=True))  # fresh per epoch
     for workers in (1, 0):  # epoch 1 skipped; in this process or a worker
-        fresh = end_to_end_batches(lite0, paths[:6], labels, 2, 7, "cpu", FP32, workers=workers)
+        fresh = end_to_end_batches(
+            lite0, paths[:6], labels, 7, Feed(2, "cpu", FP32, workers=workers)
+        )
         x, y = epoch(fresh, 2)
         assert y == y2 and torch.equal(x, x2)
 
