@@ -335,9 +335,9 @@ def make_stain(cfg: RunConfig) -> StainSetup:
     return StainSetup(normaliser, cfg.stain_views, cfg.train.seed)
 
 
-def extract_features(cfg, data: Data, backbones, device, cache, store, modes, stain,
-                     shard=None, hash_pixels: bool = False):  # fmt: skip
+def extract_features(s: Setup, cache, modes: dict, shard=None, hash_pixels: bool = False):
     """Each distinct backbone over every image, its views over the training images."""
+    cfg, data, backbones = s.cfg, s.data, s.backbones
     rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
     distinct, train_rows = {}, {}
     for (_, k), bb in backbones.items():
@@ -354,9 +354,9 @@ def extract_features(cfg, data: Data, backbones, device, cache, store, modes, st
         view_pos[key] = {int(r): i for i, r in enumerate(vr)}
         requests += [Request(bb, v, vr, modes.get(key), sv) for v, sv in view_pairs(cfg)]
     paths = data.images["path"].tolist()
-    got, report = extract(paths, requests, cache, device, cfg.extract_batch, cfg.workers,
-                          cfg.strict, progress=cfg.progress, store=store, shard=shard,
-                          stain=stain, hash_pixels=hash_pixels)  # fmt: skip
+    got, report = extract(paths, requests, cache, s.device, cfg.extract_batch, cfg.workers,
+                          cfg.strict, progress=cfg.progress, store=s.store, shard=shard,
+                          stain=s.stain, hash_pixels=hash_pixels)  # fmt: skip
     feats = {}
     for req, (f, ok) in zip(requests, got, strict=True):
         feats[(req.backbone.name, req.backbone.weights_id, req.view, req.stain_view)] = (f, ok)
@@ -371,39 +371,73 @@ def extract_features(cfg, data: Data, backbones, device, cache, store, modes, st
     return feats, view_pos, report
 
 
+@dataclass
+class Setup:
+    """What `train` and `extract` both start from: the resolved config, its stain setup,
+    device, task and classes, the cache and image store, the indexed and split data, and
+    the backbones (calibrated where random)."""
+
+    cfg: RunConfig
+    stain: StainSetup
+    device: torch.device
+    task: str
+    classes: list[str]
+    cache_root: Path
+    store: ImageStore
+    data: Data
+    backbones: dict
+
+
+def set_up(cfg: RunConfig, watch: Stopwatch, selecting: bool = True, check=None) -> Setup:
+    """The shared start of a run; `check(cfg)` runs once the config is valid and before any
+    data is read (train's run-name check), so a mistake costs nothing."""
+    cfg = resolve_protocol(apply_recipe(cfg))
+    validate(cfg)
+    if check is not None:
+        check(cfg)
+    stain = make_stain(cfg)
+    device = pick_device(cfg.device)
+    task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "data" / "cache"
+    check_writable(cache_root, "Cache folder")
+    store = ImageStore(cache_root / "images.sqlite")
+    classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
+    data = prepare_data(cfg, task, classes, selecting=selecting)
+    watch.lap("index and split")
+    backbones = build_backbones(cfg, data, stain, device)  # a missing weights file stops here
+    watch.lap("backbones (and batch-norm calibration)")
+    return Setup(cfg, stain, device, task, classes, cache_root, store, data, backbones)
+
+
 def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict:
     """Features only, into the cache (eva's embedding step): the same data, split, backbones
     and views as `train` with these options, so a later `train` reads everything from the
     cache. `shard=(i, n)`: only the images whose content id falls in shard i of n, so n
     processes sharing a cache folder split the work with no other coordination (each shard
     decoding every image for the picture check would cost n passes over the data)."""
-    cfg = resolve_protocol(apply_recipe(cfg))
-    validate(cfg)
-    stain = make_stain(cfg)
-    device = pick_device(cfg.device)
-    task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "data" / "cache"
-    store = ImageStore(cache_root / "images.sqlite")
-    classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
-    data = prepare_data(cfg, task, classes, selecting=False)
-    backbones = build_backbones(cfg, data, stain, device)
+    watch = Stopwatch()
+    s = set_up(cfg, watch, selecting=False)
     # a shard hashes its own images only: the check, which needs them all, is train's
     whole = shard is None or shard[1] == 1
-    check_first = whole and pictures_known(data, store)
+    check_first = whole and pictures_known(s.data, s.store)
     if check_first:
-        check_pictures(cfg, data, task, store)
-    modes = compute_modes(cfg, backbones, device, cache_root, shard)
-    cache = FeatureCache(cache_root / "features")
-    _, _, report = extract_features(cfg, data, backbones, device, cache, store, modes, stain,
-                                    shard, hash_pixels=True)  # fmt: skip
+        check_pictures(s.cfg, s.data, s.task, s.store)
+        watch.lap("duplicate check")
+    modes = compute_modes(s.cfg, s.backbones, s.device, s.cache_root, shard)
+    watch.lap("compute modes")
+    cache = FeatureCache(s.cache_root / "features")
+    _, _, report = extract_features(s, cache, modes, shard, hash_pixels=True)
+    watch.lap("features")
     if whole and not check_first:
-        check_pictures(cfg, data, task, store)
+        check_pictures(s.cfg, s.data, s.task, s.store)
+        watch.lap("duplicate check")
     elif not whole:
         log.info("Shard %d/%d hashed its own images' pixels; the leakage check by picture is "
                  "train's, once every shard is done.", shard[0], shard[1])  # fmt: skip
-    return {"images": len(data.images), "extracted": report.images_extracted,
+    log.info("Time per stage: %s.", watch.summary())
+    return {"images": len(s.data.images), "extracted": report.images_extracted,
             "failed": len(report.failed), "stain_fallbacks": len(report.stain_fallbacks),
-            "cache": str(cache.root),
+            "cache": str(cache.root), "seconds": watch.seconds,
             "modes": {f"{a}": m.describe() for (a, _), m in modes.items()}}  # fmt: skip
 
 
@@ -491,60 +525,47 @@ def resolve_protocol(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def head_features(cfg: RunConfig, data: Data, backbones, device, cache_root: Path,
-                  store: ImageStore, modes: dict,
-                  stain: StainSetup) -> tuple[dict, dict, ExtractionReport | None]:  # fmt: skip
+def head_features(s: Setup, modes: dict) -> tuple[dict, dict, ExtractionReport | None]:
     """The heads' features: cached, or under --no-cache with logreg the same pass held in
     memory; none for end-to-end heads, whose backbones are only made ready to run."""
-    if headjob.runs_end_to_end(cfg):
-        for bb in {id(b): b for b in backbones.values()}.values():
-            prepare(bb, device, modes.get((bb.name, bb.weights_id), fast_path(device)))
+    if headjob.runs_end_to_end(s.cfg):
+        for bb in {id(b): b for b in s.backbones.values()}.values():
+            prepare(bb, s.device, modes.get((bb.name, bb.weights_id), fast_path(s.device)))
         return {}, {}, None
-    cache = None if cfg.no_cache else FeatureCache(cache_root / "features")
-    return extract_features(cfg, data, backbones, device, cache, store, modes, stain,
-                            hash_pixels=True)  # fmt: skip
+    cache = None if s.cfg.no_cache else FeatureCache(s.cache_root / "features")
+    return extract_features(s, cache, modes, hash_pixels=True)
 
 
 def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     watch = Stopwatch()
-    cfg = resolve_protocol(apply_recipe(cfg))
-    validate(cfg)
-    stain = make_stain(cfg)
-    out, run = Path(cfg.out), cfg.run or default_run_name()
-    folders = run_folders(out, run)
-    check_run_name(folders, cfg.overwrite)
-    command = command or " ".join(sys.argv)
-    device = pick_device(cfg.device)
-    task = cfg.task or ("subtype" if cfg.protocol == "eva" else "binary")
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "data" / "cache"
-    check_writable(cache_root, "Cache folder")
-    store = ImageStore(cache_root / "images.sqlite")
-    classes = class_names(task, cfg.dataset, cfg.protocol or "patient")
-    data = prepare_data(cfg, task, classes)
-    watch.lap("index and split")
-    # a missing weights file stops the run here
-    backbones = build_backbones(cfg, data, stain, device)
-    watch.lap("backbones (and batch-norm calibration)")
-    check_first = headjob.runs_end_to_end(cfg) or pictures_known(data, store)
+    names = {}
+
+    def check(cfg: RunConfig) -> None:
+        names["run"] = cfg.run or default_run_name()
+        names["folders"] = run_folders(Path(cfg.out), names["run"])
+        check_run_name(names["folders"], cfg.overwrite)
+
+    s = set_up(cfg, watch, check=check)
+    cfg, run, folders, data = s.cfg, names["run"], names["folders"], s.data
+    check_first = headjob.runs_end_to_end(cfg) or pictures_known(data, s.store)
     if check_first:  # else after the extraction, hashed in its decode
-        check_pictures(cfg, data, task, store)
+        check_pictures(cfg, data, s.task, s.store)
         watch.lap("duplicate check")
-    modes = compute_modes(cfg, backbones, device, cache_root)
+    modes = compute_modes(cfg, s.backbones, s.device, s.cache_root)
     watch.lap("compute modes")
-    feats, view_pos, report = head_features(cfg, data, backbones, device, cache_root, store,
-                                            modes, stain)  # fmt: skip
+    feats, view_pos, report = head_features(s, modes)
     watch.lap("features")
     if not check_first:
-        check_pictures(cfg, data, task, store)  # hashes from the extraction's own decode
+        check_pictures(cfg, data, s.task, s.store)  # hashes from the extraction's own decode
         watch.lap("duplicate check")
     paths = data.images["path"].tolist()
     fallbacks = {paths[r]: m for r, m in (report.stain_fallbacks if report else {}).items()}
     open_run_folders(folders, cfg.overwrite)
     write_split(data.plan, folders["models"] / "split.csv")
-    ctx = _Context(cfg, run, task, classes, data.plan.protocol, data.plan.group_by, command,
-                   device, modes, folders, feats, view_pos, StopFlag(), versions(), stain,
-                   fallbacks)  # fmt: skip
-    jobs = head_jobs(cfg, data, backbones, stain)
+    ctx = _Context(cfg, run, s.task, s.classes, data.plan.protocol, data.plan.group_by,
+                   command or " ".join(sys.argv), s.device, modes, folders, feats, view_pos,
+                   StopFlag(), versions(), s.stain, fallbacks)  # fmt: skip
+    jobs = head_jobs(cfg, data, s.backbones, s.stain)
     ctx.hparam_domains = {
         "arch": sorted({j.backbone.name for j in jobs}),
         "fold": sorted({-1 if j.fold is None else int(j.fold) for j in jobs}),
