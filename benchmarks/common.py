@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmarks: generated BreakHis-like images, the machine, the output.
+"""Shared pieces of the benchmarks: images to run on, the machine, the output.
 
-Images are generated (700x460 RGB PNGs, BreakHis size, at BreakHis paths) so the benchmarks
-need no dataset; the two classes differ in colour, so a head can learn them.
+Most benchmarks generate their images (700x460 RGB PNGs, BreakHis size, at BreakHis paths)
+so that they need no dataset; the two classes differ in colour, so a head can learn them.
+The full-scale trees (`make_real_tree`, `make_real_idc_tree`) are unique copies of the real
+images in ../shared/data instead, where what a real job costs is the point.
 """
 
 from __future__ import annotations
