@@ -1,21 +1,27 @@
-"""Shared pieces of the benchmarks: generated BreakHis-like images, the machine, the output.
+"""Shared pieces of the benchmarks: images to run on, the machine, the output.
 
-Images are generated (700x460 RGB PNGs, BreakHis size, at BreakHis paths) so the benchmarks
-need no dataset; the two classes differ in colour, so a head can learn them.
+Most benchmarks generate their images (700x460 RGB PNGs, BreakHis size, at BreakHis paths)
+so that they need no dataset; the two classes differ in colour, so a head can learn them.
+The full-scale trees (`make_real_tree`, `make_real_idc_tree`) are unique copies of the real
+images in ../shared/data instead, where what a real job costs is the point.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
+import re
 import resource
 import statistics
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -268,8 +274,6 @@ _POOL = 16  # distinct pictures per class: the decode cost varies a little, as i
 
 def _png_parts(benign: bool, k: int) -> tuple[bytes, bytes]:
     """One 50x50 PNG split after IHDR (33 bytes in): a tEXt chunk goes between the parts."""
-    import io
-
     rng = np.random.default_rng(1000 * benign + k)
     base = np.array([225, 150, 200] if benign else [150, 90, 190], dtype=np.float32)
     pixels = np.clip(rng.normal(0, 40, (IDC_TILE, IDC_TILE, 3)) + base, 0, 255)
@@ -298,10 +302,15 @@ def idc_layout(n: int, patients: int, seed: int = 0) -> list[tuple[str, int, int
     for i in range(n):
         p, j = i % patients, i // patients
         pid = 8863 + 7 * p  # real ids are 4-5 digit numbers; any digits parse
-        x, y = 1 + IDC_TILE * (j % 64), 1 + IDC_TILE * (j // 64)
         c = int(cls[i])
-        out.append((f"{pid}/{c}/{pid}_idx5_x{x}_y{y}_class{c}.png", c, i % _POOL))
+        out.append((idc_relpath(pid, j, c), c, i % _POOL))
     return out
+
+
+def idc_relpath(patient: int, j: int, c: int) -> str:
+    """The Kaggle name of a patient's `j`-th patch: on a 50 px grid from (1, 1), 64 a row."""
+    x, y = 1 + IDC_TILE * (j % 64), 1 + IDC_TILE * (j // 64)
+    return f"{patient}/{c}/{patient}_idx5_x{x}_y{y}_class{c}.png"
 
 
 def make_idc_tree(root: Path, n: int = IDC_IMAGES, patients: int = IDC_PATIENTS,
@@ -405,3 +414,223 @@ def autocast_throughput(arch: str, device, images: int, batch: int, rounds: int 
             "autocast_images_per_s": round(rate["autocast"], 2),
             "autocast_speedup": round(rate["autocast"] / rate["fp32"], 3),
             "autocast_cosine_min": round(cos, 5)}  # fmt: skip
+
+
+# ------------------------------------------------------------------ full-scale trees of real images
+
+SHARED_DATA = Path(
+    os.environ.get("BREAKHIS_TL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")
+)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHANGED = 12  # channel values of the last row that carry a copy's number (4 pixels)
+
+
+class PngTemplate(NamedTuple):
+    """A real PNG cut before its last row: a copy is `prefix`, one small IDAT chunk holding
+    that row with a few values changed, and `suffix`. Rows above the last are compressed once
+    per source (ending in a full flush, so the tail never refers back to them), which makes
+    a unique copy cost a few microseconds and keeps the original's chunks and filters."""
+
+    prefix: bytes
+    suffix: bytes
+    last_row: bytes  # decoded RGB values of the last row
+    adler: int  # Adler-32 of the filtered rows above it
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, i = [], len(PNG_SIGNATURE)
+    while i < len(data):
+        (n,) = struct.unpack(">I", data[i : i + 4])
+        out.append((data[i + 4 : i + 8], data[i : i + 12 + n]))
+        i += 12 + n
+    return out
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def variant_pixels(rgb: np.ndarray, variant: int) -> np.ndarray:
+    """The picture as it is (0), mirrored (1), flipped (2) or turned half round (3): shapes
+    kept, and histology has no up or left, so each is as real as the original; four times
+    the distinct pictures keep the head's problem from collapsing onto a few points."""
+    return [rgb, rgb[:, ::-1], rgb[::-1], rgb[::-1, ::-1]][variant]
+
+
+def png_template(path: str | Path, variant: int = 0) -> PngTemplate:
+    """The template of one real 8-bit RGB, non-interlaced PNG (all of BreakHis and IDC), or
+    of a variant of its picture: the original's other chunks, the rows filtered by Pillow's
+    adaptive choice as the original's are (Paeth), compressed at zlib's default level."""
+    data = Path(path).read_bytes()
+    parts = _png_chunks(data)
+    width, _, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", parts[0][1][8:21])
+    if (depth, colour, interlace) != (8, 2, 0):
+        raise ValueError(f"{path}: not an 8-bit RGB non-interlaced PNG")
+    with Image.open(path) as im:
+        pixels = np.ascontiguousarray(variant_pixels(np.asarray(im.convert("RGB")), variant))
+    idat = [k for k, (kind, _) in enumerate(parts) if kind == b"IDAT"]
+    encoded = parts
+    if variant:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+        encoded = _png_chunks(buf.getvalue())
+    raw = zlib.decompress(b"".join(c[8:-4] for kind, c in encoded if kind == b"IDAT"))
+    head = raw[: -(3 * width + 1)]
+    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = b"\x78\x9c" + comp.compress(head) + comp.flush(zlib.Z_FULL_FLUSH)
+    prefix = PNG_SIGNATURE + b"".join(c for _, c in parts[: idat[0]]) + _chunk(b"IDAT", body)
+    suffix = b"".join(c for _, c in parts[idat[-1] + 1 :])
+    return PngTemplate(prefix, suffix, pixels[-1].tobytes(), zlib.adler32(head))
+
+
+def unique_copy(t: PngTemplate, number: int) -> bytes:
+    """The template's picture with `number` (>= 1, below 4**12) written into 12 channel
+    values of its last row, each moved by 0-3: distinct numbers give distinct pixels (so
+    distinct content ids and pixel hashes), and no copy equals its source."""
+    row = bytearray(t.last_row)
+    for k in range(_CHANGED):
+        d = (number >> (2 * k)) & 3
+        row[k] = row[k] + d if row[k] <= 252 else row[k] - d
+    tail = b"\x00" + bytes(row)  # filter None: the row's own values, whatever is above
+    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = comp.compress(tail) + comp.flush() + struct.pack(">I", zlib.adler32(tail, t.adler))
+    return t.prefix + _chunk(b"IDAT", body) + t.suffix
+
+
+Copy = tuple[str, str, int]  # (relative path, real source, variant)
+
+
+def _write_copies(job: tuple[tuple[str, int], list[tuple[str, int]]]) -> int:
+    (source, variant), copies = job
+    t = png_template(source, variant)
+    for dest, number in copies:
+        with open(dest, "wb") as f:
+            f.write(unique_copy(t, number))
+    return len(copies)
+
+
+def write_copies(root: Path, plan: list[Copy], workers: int, stamp: str) -> Path:
+    """Write `plan`'s copies under `root`, copy i numbered i + 1, one task per source and
+    variant over `workers` processes; skipped when `stamp` says it is done already."""
+    import multiprocessing as mp
+    import shutil
+
+    done = root / ".complete"
+    if done.is_file() and done.read_text() == stamp:
+        return root
+    if root.exists():
+        shutil.rmtree(root)  # another size or layout: no stale file may stay in the tree
+    jobs: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    for i, (rel, source, variant) in enumerate(plan):
+        jobs.setdefault((source, variant), []).append((str(root / rel), i + 1))
+    for folder in {os.path.dirname(dest) for copies in jobs.values() for dest, _ in copies}:
+        os.makedirs(folder, exist_ok=True)
+    if workers <= 1:
+        list(map(_write_copies, jobs.items()))
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            list(pool.imap_unordered(_write_copies, jobs.items(), chunksize=4))
+    done.write_text(stamp)
+    return root
+
+
+def in_turn(pool: list[str], k: int) -> tuple[str, int]:
+    """The `k`-th draw from `pool`: each source once, then each again as the next variant."""
+    return pool[k % len(pool)], (k // len(pool)) % 4
+
+
+_BREAKHIS_NAME = re.compile(r"SOB_[BM]_(\w+?)-[^/]*-(\d+)-(\d+)\.png$")
+
+
+def breakhis_key(path: str) -> tuple[str, int, int]:
+    """(subtype, magnification, image number) from a BreakHis file name."""
+    m = _BREAKHIS_NAME.search(path)
+    if not m:
+        raise ValueError(f"{path} is not a BreakHis file name")
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+def layout_subset(paths: list[str], n: int) -> list[str]:
+    """`n` of the layout's paths spread over every slide folder and magnification (one per
+    folder a round, each folder starting at another magnification), so a small tree keeps
+    the real patients, classes and split."""
+    folders: dict[str, list[str]] = {}
+    for p in paths:
+        folders.setdefault(str(Path(p).parents[1]), []).append(p)
+
+    def order(f: int, path: str) -> tuple[int, int]:
+        _, mag, number = breakhis_key(path)
+        return number, (MAGS.index(mag) + f) % len(MAGS)
+
+    queues = [sorted(v, key=lambda p, f=f: order(f, p)) for f, v in enumerate(folders.values())]
+    out: list[str] = []
+    for r in range(max(map(len, queues))):
+        out += [q[r] for q in queues if r < len(q)]
+    return out[:n]
+
+
+def breakhis_plan(layout: list[str], real: Path) -> list[Copy]:
+    """(layout path, real source, variant) for each path: a real image of the same subtype
+    and magnification (of the same subtype where that has none), taken in turn."""
+    pools: dict[tuple, list[str]] = {}
+    for src in sorted(str(p) for p in real.rglob("*.png")):
+        subtype, mag, _ = breakhis_key(src)
+        pools.setdefault((subtype, mag), []).append(src)
+        pools.setdefault((subtype,), []).append(src)
+    turn: dict[tuple, int] = {}
+    plan = []
+    for rel in layout:
+        subtype, mag, _ = breakhis_key(rel)
+        key = (subtype, mag) if (subtype, mag) in pools else (subtype,)
+        turn[key] = turn.get(key, -1) + 1
+        plan.append((rel, *in_turn(pools[key], turn[key])))
+    return plan
+
+
+def make_real_tree(root: Path, layout: list[str], real: Path, workers: int) -> Path:
+    """The BreakHis tree at `layout`'s paths, each file a unique copy of a real image (or of
+    a mirrored, flipped or turned one, once every source of its kind is used)."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(layout).encode()).hexdigest()[:16]
+    return write_copies(root, breakhis_plan(layout, real), workers, f"breakhis {digest}")
+
+
+def _apportion(weights: np.ndarray, total: int) -> np.ndarray:
+    """Whole numbers in proportion to `weights` that sum to `total` (largest remainder)."""
+    exact = weights / weights.sum() * total
+    out = np.floor(exact).astype(int)
+    out[np.argsort(out - exact, kind="stable")[: total - out.sum()]] += 1
+    return out
+
+
+def idc_plan(n: int, patients: int, seed: int = 0) -> list[tuple[str, int]]:
+    """(relative path, class) of `n` patches of `patients` patients. As in the Kaggle IDC
+    release, patients differ in patch count (log-normal around the mean) and in class-1
+    share (Beta(1, 2.5): many low, a few above a half), with the release's overall share."""
+    rng = np.random.default_rng(seed)
+    counts = _apportion(rng.lognormal(0.0, 0.5, patients), n)
+    pos = np.minimum(_apportion(rng.beta(1.0, 2.5, patients) * counts, round(n * IDC_POSITIVE)),
+                     counts)  # fmt: skip
+    short = round(n * IDC_POSITIVE) - pos.sum()
+    for p in rng.permutation(patients):  # what clipping at a patient's count took, elsewhere
+        add = min(short, counts[p] - pos[p])
+        pos[p], short = pos[p] + add, short - add
+    out = []
+    for p in range(patients):
+        pid = 8863 + 7 * p
+        classes = rng.permutation(np.r_[np.ones(pos[p], int), np.zeros(counts[p] - pos[p], int)])
+        out += [(idc_relpath(pid, j, int(c)), int(c)) for j, c in enumerate(classes)]
+    return out
+
+
+def make_real_idc_tree(root: Path, real: Path, n: int, patients: int, workers: int) -> Path:
+    """`n` IDC patches of `patients` patients, each a unique copy of a real patch of its
+    class (edge patches keep their smaller size), real sources and variants in turn."""
+    pools = {c: sorted(str(p) for p in real.glob(f"*/{c}/*.png")) for c in (0, 1)}
+    turn = [0, 0]
+    plan = []
+    for rel, c in idc_plan(n, patients):
+        plan.append((rel, *in_turn(pools[c], turn[c])))
+        turn[c] += 1
+    return write_copies(root, plan, workers, f"idc {n} {patients}")

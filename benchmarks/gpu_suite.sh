@@ -5,12 +5,14 @@
 #   b  cached features against end to end (benchmarks/cached_vs_end_to_end.py, small)
 #   c  the full-dataset projection, BreakHis and IDC (benchmarks/scale.py --projection-only);
 #      the summary row's gpu_img_per_s feeds `scale.py --gpu-img-per-s` on another machine
-# Prints JSON rows only, each with "section" (a, b, c, summary); full logs go to
+#   d  the real jobs at full size (benchmarks/full_scale.py): 7,909 BreakHis images through
+#      train cold and warm and extract, 277,524 IDC patches through train; one row a stage
+# Prints JSON rows only, each with "section" (a, b, c, d, summary); full logs go to
 # <workdir>/logs. Each section has a time limit; one that fails or runs out prints an
 # "error" row and the others still run (exit status 1 at the end).
 #
 #   bash benchmarks/gpu_suite.sh                          # cuda, real sizes
-#   bash benchmarks/gpu_suite.sh --device cpu --dry-run   # the same pipeline, tiny: seconds
+#   bash benchmarks/gpu_suite.sh --device cpu --dry-run   # the same pipeline, small: minutes
 # Options: --device D, --dry-run, --workdir DIR, --archs A,B (section a; default: all of
 # the registry), --presets P,Q (default phikon,uni,h_optimus_0; none in a dry run).
 set -euo pipefail
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
         --workdir) work="$2"; shift 2 ;;
         --archs) archs="$2"; shift 2 ;;
         --presets) presets="$2"; presets_set=1; shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -36,15 +38,17 @@ mkdir -p "$work/logs"
 export BREAKHIS_TL_DISPATCH_DIR="${BREAKHIS_TL_DISPATCH_DIR:-$work/dispatch}"
 cd "$here"
 
-if [ "$dry" = 1 ]; then  # every section, tiny: proves the pipeline, measures nothing
+if [ "$dry" = 1 ]; then  # every section, small: proves the pipeline, measures nothing
     archs="${archs:-mobilenet_v2}"; [ "$presets_set" = 1 ] || presets=""
     a_images=2 a_batch=2 a_rounds=1 a_limit=120
     b_args="--images 16 --epochs 1 --workers 0" b_limit=180
     c_args="--archs mobilenet_v2 --probe-images 2 --compute default" c_limit=120
-else
-    a_images=256 a_batch=64 a_rounds=3 a_limit=210
-    b_args="--images 256 --epochs 10" b_limit=100
-    c_args="--probe-images 64" c_limit=150
+    d_args="--small" d_limit=420
+else  # the limits add up to 470 s; d stops its own commands by --budget before its limit
+    a_images=256 a_batch=64 a_rounds=3 a_limit=120
+    b_args="--images 256 --epochs 10" b_limit=60
+    c_args="--probe-images 64" c_limit=60
+    d_args="--budget 215" d_limit=230
 fi
 failed=0 start=$SECONDS
 
@@ -96,6 +100,8 @@ section c "$c_limit" "$py" scale.py --projection-only --project breakhis,idc \
 # shellcheck disable=SC2086
 section b "$b_limit" "$py" cached_vs_end_to_end.py --device "$device" $b_args \
     --workdir "$work/b"
+# shellcheck disable=SC2086
+section d "$d_limit" "$py" full_scale.py --device "$device" $d_args --workdir "$work/d"
 
 "$py" - "$work/logs/c.log" "$((SECONDS - start))" "$dry" "$work/logs" <<'EOF'
 import json

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -150,14 +151,16 @@ def test_idc_tree_matches_the_kaggle_layout(tmp_path):
 @pytest.mark.slow
 def test_gpu_suite_dry_run_prints_json_for_every_section(tmp_path):
     """`gpu_suite.sh --device cpu --dry-run`: every stdout line is JSON, no section failed,
-    and a (precision), b (cached vs end to end), c (projection) and the summary are there."""
+    and a (precision), b (cached vs end to end), c (projection), d (full_scale.py --small)
+    and the summary are there."""
     cmd = ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--device", "cpu", "--dry-run",
            "--workdir", str(tmp_path)]  # fmt: skip
     done, records = run_json(cmd)
     assert len(records) == len(done.stdout.splitlines())
     assert not [r for r in records if "error" in r]
     sections = {r["section"]: r for r in records}
-    assert set(sections) == {"a", "b", "c", "summary"}
+    assert set(sections) == {"a", "b", "c", "d", "summary"}
+    assert [r["stage"] for r in records if r["section"] == "d"] == FULL_SCALE_STAGES
     assert {"fp32_images_per_s", "autocast_images_per_s", "autocast_cosine_min"} <= set(
         sections["a"]
     )
@@ -378,3 +381,134 @@ def test_loader_workers_rejects_bad_setting_lists(text, least, monkeypatch):
     with pytest.raises(argparse.ArgumentTypeError):
         lw.counts(text, least)
     assert lw.counts("2,0,1", 0) == [2, 0, 1]
+
+
+def _bench(module: str):
+    import importlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    return importlib.import_module(module)
+
+
+def _pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_full_scale_breakhis_tree_holds_unique_copies_of_real_images(tmp_path, breakhis_layout):
+    """A handful of the layout's paths: each file a real image (or its mirror, flip or half
+    turn) of its subtype and magnification at 700x460, a few pixels of its last row changed,
+    no two files alike; the full plan gives every layout path a source of its subtype."""
+    from conftest import _shared
+
+    from breakhis_tl.identity import content_id, pixel_hash
+
+    fs = _bench("common")
+    real, layout = _shared("breakhis_real"), breakhis_layout["path"].tolist()
+    assert len({str(Path(p).parents[1]) for p in fs.layout_subset(layout, 82)}) == 82
+    plan = fs.breakhis_plan(layout, real)
+    assert [rel for rel, _, _ in plan] == layout
+    assert all(fs.breakhis_key(rel)[0] == fs.breakhis_key(src)[0] for rel, src, _ in plan)
+    same_mag = [fs.breakhis_key(rel)[1] == fs.breakhis_key(src)[1] for rel, src, _ in plan]
+    assert sum(same_mag) > 0.9 * len(plan) and {v for *_, v in plan} == {0, 1, 2, 3}
+    subset = fs.layout_subset(layout, 6)
+    plan = fs.breakhis_plan(subset, real)
+    assert {v for *_, v in plan} == {0}  # sources to spare: the pictures as they are
+    plan = [(rel, src, 3) for rel, src, _ in plan[:3]] + plan[3:]  # and three turned
+    root = fs.write_copies(tmp_path / "b", plan, 2, "six")
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*.png")) == sorted(subset)
+    for rel, src, variant in plan:
+        copy, source = _pixels(root / rel), fs.variant_pixels(_pixels(src), variant)
+        assert copy.shape == (460, 700, 3)
+        changed = (copy != source).any(axis=-1).nonzero()
+        assert set(changed[0]) == {459} and 1 <= len(changed[1]) <= 4  # the last row only
+    assert len({content_id(str(root / r)) for r in subset}) == 6
+    assert len({pixel_hash(_pixels(root / r)) for r in subset}) == 6
+
+
+def test_full_scale_idc_tree_has_the_kaggle_names_and_varied_class_shares(tmp_path):
+    """Kaggle names, real patch sizes, unique files; at full size 279 patients with the
+    release's count of class-1 patches, their shares and patch counts varying by patient."""
+    import re
+
+    import pandas as pd
+    from conftest import _shared
+
+    from breakhis_tl.identity import content_id, pixel_hash
+    from breakhis_tl.index import build_index
+
+    fs = _bench("common")
+    root = fs.make_real_idc_tree(tmp_path / "idc", _shared("idc_real"), 60, 3, workers=2)
+    name = re.compile(r"^(\d+)/([01])/\1_idx5_x(\d+)_y(\d+)_class\2\.png$")
+    files = [str(p.relative_to(root)) for p in root.rglob("*.png")]
+    assert len(files) == 60 and all(name.match(f) for f in files)
+    index = build_index(root, "idc")
+    assert len(index) == 60 and index["patient"].nunique() == 3
+    assert {_pixels(p).shape for p in index["path"]} <= {(50, 50, 3), (50, 32, 3)}
+    assert len({content_id(p) for p in index["path"]}) == 60
+    assert len({pixel_hash(_pixels(p)) for p in index["path"]}) == 60
+    plan = pd.DataFrame(fs.idc_plan(fs.IDC_IMAGES, fs.IDC_PATIENTS), columns=["rel", "c"])
+    assert len(plan) == 277_524 and plan["rel"].is_unique and plan["c"].sum() == 78_786
+    per = plan.groupby(plan["rel"].str.split("/").str[0])["c"].agg(["mean", "size"])
+    assert len(per) == 279 and per["mean"].std() > 0.1
+    assert per["mean"].min() < 0.05 and per["mean"].max() > 0.6
+    assert per["size"].max() > 3 * per["size"].min()
+
+
+def test_full_scale_reads_stage_times_budget_shares_and_gpu_samples(tmp_path, monkeypatch):
+    """The log line `train` prints, the budget's shares, and utilisation read from a
+    stand-in nvidia-smi (none at all: no GPU fields)."""
+    fs = _bench("full_scale")
+    log = "INFO: x\nINFO: Time per stage: index and split 0.1 s, backbones (and batch-norm "
+    log += "calibration) 13.3 s, heads 15.2 s.\n"
+    assert fs.stage_times(log) == {"index and split": 0.1,
+                                   "backbones (and batch-norm calibration)": 13.3,
+                                   "heads": 15.2}  # fmt: skip
+    assert fs.stage_times("no such line") == {}
+    todo = [fs.Stage(n, "breakhis", 1, [], None) for n in fs.TARGET_SECONDS]
+    assert fs.share(None, 0.0, todo) is None
+    start = fs.time.perf_counter()
+    assert fs.share(185, start, todo) == pytest.approx(60, abs=0.5)
+    assert fs.share(185, start, todo[-1:]) == pytest.approx(185, abs=0.5)
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 30\necho '[N/A]'\necho 50\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with fs.GpuSampler("cuda:0") as gpu:
+        gpu.thread.join(timeout=10)
+    assert gpu.cmd[1] == "--id=0" and gpu.summary() == {
+        "gpu_util_mean": 40.0, "gpu_util_max": 50.0, "gpu_util_samples": 2}  # fmt: skip
+    with fs.GpuSampler("cpu") as gpu:
+        pass
+    assert gpu.summary() == {}
+
+
+FULL_SCALE_STAGES = ["tree_breakhis", "tree_idc", "index_breakhis", "index_idc",
+                     "train_breakhis_cold", "train_breakhis_warm", "extract_breakhis",
+                     "train_idc_cold"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_full_scale_small_runs_every_stage(tmp_path):
+    """`full_scale.py --small` on the CPU: one row per stage in order with its keys; the
+    cold runs extract, the warm run reads everything from the cache."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "full_scale.py"), "--small", "--device",
+           "cpu", "--workdir", str(tmp_path)]  # fmt: skip
+    _, records = run_json(cmd)
+    assert [r["stage"] for r in records] == FULL_SCALE_STAGES
+    assert not [r for r in records if "error" in r]
+    keys = {"benchmark", "stage", "dataset", "images", "seconds", "images_per_s",
+            "peak_rss_mib", "cpu", "device", "small"}  # fmt: skip
+    assert all(keys <= set(r) and r["small"] and r["peak_rss_mib"] > 0 for r in records)
+    assert not [r for r in records if "gpu_util_mean" in r or "gpu_peak_mib" in r]
+    by = {r["stage"]: r for r in records}
+    assert by["index_breakhis"]["images"] == 200 and by["index_idc"]["images"] == 1500
+    for stage in ("train_breakhis_cold", "train_breakhis_warm", "train_idc_cold"):
+        assert {"features", "heads"} <= set(by[stage]["stages"]), stage
+        assert by[stage]["command"].startswith("python -m breakhis_tl train")
+    assert by["train_breakhis_cold"]["extracted"] == 400  # 2 backbones x 200 images
+    assert by["train_breakhis_warm"]["extracted"] == 0
+    assert by["extract_breakhis"]["extracted"] == 200
+    assert by["train_idc_cold"]["extracted"] == 1500
