@@ -13,7 +13,10 @@ from breakhis_tl.errors import UserError
 log = logging.getLogger("breakhis_tl")
 
 
-WORKERS_HELP = "DataLoader worker processes (default: cores - 1, at most 4, at least 2 on 2+ cores)"
+WORKERS_HELP = (
+    "DataLoader worker processes (default: cores - 1, at most 4, at least 2 on 2+ cores; "
+    "feeding a GPU, cores - 1 as memory allows)"
+)
 
 
 def _number(kind: type, low: float, low_ok: bool, high: float | None, rule: str):

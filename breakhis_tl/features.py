@@ -315,10 +315,12 @@ def _run_views(x, rows, group, pos_of, report) -> None:
 
 
 def _save_block(cache, ids, paths, block, failed, group, report) -> None:
-    in_block = set(block)
+    """The block's features, chunk by chunk; a request's rows in the block found in one
+    vectorised pass (a Python scan of every image per block grew with the square of them)."""
     for s in group:
-        positions = [int(p) for p in s.todo if int(s.req.rows[p]) in in_block]
-        positions = [p for p in positions if ids[s.req.rows[p]] is not None]
+        todo = np.asarray(s.todo, dtype=np.int64)
+        in_block = todo[np.isin(s.req.rows[todo], np.asarray(block, dtype=np.int64))]
+        positions = [int(p) for p in in_block if ids[s.req.rows[p]] is not None]
         if not positions:
             continue
         rows = [int(s.req.rows[p]) for p in positions]

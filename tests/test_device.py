@@ -1,10 +1,13 @@
 """What runs where on a GPU run, checked on a CPU: calibration on the run's device (torch's
-`meta` device stands in for a GPU: a module or batch left on the CPU shows), and loader
-workers from the machine when they feed a GPU."""
+`meta` device stands in for a GPU: a module or batch left on the CPU shows), loader workers
+from the machine when they feed a GPU; and the cache's block saving, which grew with the
+square of the images at IDC scale."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from breakhis_tl import dataset
 from breakhis_tl.backbones import build_backbone
@@ -50,3 +53,27 @@ def test_loader_pins_memory_for_a_gpu_only():
     ds = dataset.ImageDataset([], None)
     assert dataset.make_loader(ds, workers=0, device="cuda").pin_memory
     assert not dataset.make_loader(ds, workers=0, device="cpu").pin_memory
+
+
+def test_save_block_saves_the_blocks_rows_of_each_request():
+    """Each request's rows of the block, in its own order, the ones with no content id left
+    out, whatever else the request holds."""
+    from types import SimpleNamespace
+
+    from breakhis_tl.features import _save_block
+
+    prep = SimpleNamespace(to_dict=lambda: {})
+    bb = SimpleNamespace(name="a", weights_id="w", prep=prep)
+    rows = np.array([9, 3, 5, 7, 1, 4])
+    req = SimpleNamespace(rows=rows, backbone=bb, view=0, stain_view=0)
+    feats = torch.arange(6, dtype=torch.float16)[:, None]
+    slot = SimpleNamespace(req=req, todo=np.array([0, 1, 2, 4, 5]), space="s", feats=feats,
+                           ok=torch.ones(6, dtype=torch.bool))  # fmt: skip
+    ids = [f"id{i}" for i in range(10)]
+    ids[4] = None
+    saved = []
+    cache = SimpleNamespace(save=lambda space, chunk_ids, f, ok, msgs, meta, notes: saved.append(
+        (chunk_ids, f[:, 0].tolist(), msgs)))  # fmt: skip
+    report = SimpleNamespace(stain_fallbacks={})
+    _save_block(cache, ids, None, [1, 3, 4, 7, 9], {3: "bad"}, [slot], report)
+    assert saved == [(["id9", "id3", "id1"], [0.0, 1.0, 4.0], {"id3": "bad"})]

@@ -210,3 +210,25 @@ def test_ctrl_c_stops_a_cv_run_of_the_default_head(breakhis_sample, tmp_path, mo
     res = run_training(cfg)
     assert res.interrupted and len(res.heads) == 1
     assert res.history["epoch"].tolist() == [1] and res.results["interrupted"].all()
+
+
+def test_probe_benchmark_runs_and_prints_json(tmp_path):
+    """benchmarks/logreg_probe.py on 150 real patches: one row per head size and solver (no
+    timing asserted; the measured ones are in README, Performance)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = ["--data", str(_shared("idc_real")), "--limit", "150", "--rows", "150,200",
+            "--repeats", "1", "--workdir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "logreg_probe.py"), *args],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(r["rows"], r["impl"]) for r in rows] == [
+        (150, "torch"), (150, "sklearn"), (200, "torch"), (200, "sklearn")
+    ]  # fmt: skip
+    assert all(r["runs"] == 1 and r["seconds"] > 0 and r["chosen_C"] for r in rows)
+    assert all(len(r["lbfgs_iterations"]) >= 2 for r in rows if r["impl"] == "torch")
