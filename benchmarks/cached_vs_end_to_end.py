@@ -23,7 +23,7 @@ compute modes; per stage in `cached_stages`/`end_to_end_stages`), and
 check's pixel hashes are in the rest on both sides: the cached side computes them in its
 extraction's decode, end to end in a pass of their own.)
 
-The compute-mode decision (`fastpath.choose`, which times every candidate mode on one batch
+The compute-mode decision (`compute.choose`, which times every candidate mode on one batch
 when the dispatch cache has none for this machine and backbone) is made before either run is
 timed, into BREAKHIS_TL_DISPATCH_DIR (set to <workdir>/dispatch when unset, so `train` reads
 the same file), and reported apart as `choose_seconds` (`choose_cached`: whether it was only
@@ -55,8 +55,8 @@ from common import (
     workdir,
 )
 
+from breakhis_tl.heads.training import TrainConfig
 from breakhis_tl.runner import RunConfig, run_training
-from breakhis_tl.training import TrainConfig
 
 
 def timed_run(args, data: Path, work: Path, weights: str, mode: str) -> dict:

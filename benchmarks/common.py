@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from breakhis_tl.index import SUBTYPES  # noqa: E402
+from breakhis_tl.data.index import SUBTYPES  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +117,7 @@ def spread(values: list[float]) -> dict:
 def imagenet_cached(arch: str) -> bool:
     """Whether torchvision's ImageNet checkpoint of `arch` is in the torch hub cache already
     (a benchmark then times the real checkpoint instead of a stand-in)."""
-    from breakhis_tl.backbones import REGISTRY, imagenet_file
+    from breakhis_tl.models.backbones import REGISTRY, imagenet_file
 
     try:
         return arch in REGISTRY and imagenet_file(arch).is_file()
@@ -153,9 +153,9 @@ def positive(text: str) -> int:
 def warm_dispatch(arch: str, weights: str, device: str, work: Path) -> dict:
     """The measured compute-mode decision for `arch`, made now (or read), so that neither
     timed run pays for it: its seconds, whether it was cached already, and the mode."""
-    from breakhis_tl import fastpath as F
-    from breakhis_tl.backbones import build_backbone
-    from breakhis_tl.features import pick_device
+    from breakhis_tl.features.extract import pick_device
+    from breakhis_tl.models import compute as F
+    from breakhis_tl.models.backbones import build_backbone
 
     folder = Path(os.environ.setdefault("BREAKHIS_TL_DISPATCH_DIR", str(work / "dispatch")))
     dev = pick_device(device)
@@ -180,10 +180,10 @@ def weights_file(arch: str, data: Path, work: Path) -> str:
     import torch
     from torchvision import models
 
-    from breakhis_tl.backbones import build_backbone
-    from breakhis_tl.calibration import calibrate
+    from breakhis_tl.data.splits import class_names
+    from breakhis_tl.models.backbones import build_backbone
+    from breakhis_tl.models.calibration import calibrate
     from breakhis_tl.runner import RunConfig, prepare_data, resolve_protocol
-    from breakhis_tl.splits import class_names
 
     cfg = resolve_protocol(RunConfig(data=str(data), archs=[arch]))  # the runs' split
     (_, split), *_ = prepare_data(cfg, "binary", class_names("binary", "breakhis")).plan.folds
@@ -361,7 +361,7 @@ def preset_batch(arch: str, default: int) -> int:
     """A foundation preset's own extraction batch (`FoundationSpec.batch_size`, sized so one
     batch of a ViT-g stays under 8 GiB), else `default`: one batch size for a ViT-B and a
     ViT-g either wastes the small one or runs the big one out of memory."""
-    from breakhis_tl import foundation
+    from breakhis_tl.models import foundation
 
     return foundation.PRESETS[arch].batch_size if foundation.is_foundation(arch) else default
 
@@ -371,7 +371,7 @@ def low_precision(arch: str, device) -> torch.dtype:
     bf16 on a GPU that has it, fp16 on one that does not, bf16 on a CPU."""
     import torch
 
-    from breakhis_tl import foundation
+    from breakhis_tl.models import foundation
 
     if device.type != "cuda":
         return torch.bfloat16
@@ -386,8 +386,8 @@ def autocast_throughput(arch: str, device, images: int, batch: int, rounds: int 
     autocast; interleaved rounds, synchronised on a GPU; cosine of autocast to fp32."""
     import torch
 
-    from breakhis_tl import fastpath as F
-    from breakhis_tl.backbones import build_backbone
+    from breakhis_tl.models import compute as F
+    from breakhis_tl.models.backbones import build_backbone
 
     bb = build_backbone(arch, "none")
     size = bb.prep.input_size

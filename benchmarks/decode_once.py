@@ -10,9 +10,9 @@ import time
 import numpy as np
 from common import emit, machine, make_tree, parser, table, workdir
 
-import breakhis_tl.dataset as dataset
-from breakhis_tl.backbones import build_backbone
-from breakhis_tl.features import Request, extract, pick_device
+import breakhis_tl.data.dataset as dataset
+from breakhis_tl.features.extract import Request, extract, pick_device
+from breakhis_tl.models.backbones import build_backbone
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Extraction throughput per architecture: every candidate compute mode against the fast path.
 
-The fast path is what `breakhis_tl.fastpath.choose` picks on this machine (measured on one
+The fast path is what `breakhis_tl.models.compute.choose` picks on this machine (measured on one
 batch, cached under the work folder). Every (architecture, mode) pair runs over the same
 decoded images, all pairs interleaved in rotating order and repeated, so the load drift of a
 shared machine falls on all alike; throughput is the median with min and max, and ratios are
@@ -10,7 +10,7 @@ prepare + first pass (a mode `choose` already built is not built again; its setu
 the dispatch file).
 
 Architectures are the registry's, `timm:<name>`, or the pathology foundation presets
-(breakhis_tl/foundation.py: uni, uni2_h, virchow2, h_optimus_0, prov_gigapath, ...), each
+(breakhis_tl/models/foundation.py: uni, uni2_h, virchow2, h_optimus_0, prov_gigapath, ...), each
 with its own preprocessing (input size, resize, mean/std, interpolation) and, unless
 `--batch` is given, its own extraction batch (`FoundationSpec.batch_size`, sized for an
 8 GiB CPU peak). `--weights`: default (published/ImageNet), none (seeded random init, no
@@ -61,14 +61,14 @@ from common import (
     workdir,
 )
 
-from breakhis_tl import fastpath as F
-from breakhis_tl import foundation
-from breakhis_tl.backbones import build_backbone, check_arch
+from breakhis_tl.data.images import load_rgb
+from breakhis_tl.data.transforms import decode_transform, normalize
 from breakhis_tl.errors import UserError
-from breakhis_tl.features import pick_device
-from breakhis_tl.images import load_rgb
+from breakhis_tl.features.extract import pick_device
+from breakhis_tl.models import compute as F
+from breakhis_tl.models import foundation
+from breakhis_tl.models.backbones import build_backbone, check_arch
 from breakhis_tl.runner import weights_for as run_weights_for
-from breakhis_tl.transforms import decode_transform, normalize
 
 DEFAULT_ARCHS = "resnet50,densenet121,mobilenet_v2,efficientnet_lite0"
 DEFAULT_BATCH = 32

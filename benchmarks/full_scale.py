@@ -51,7 +51,7 @@ from common import (
     workdir,
 )
 
-from breakhis_tl.images import usable_cores
+from breakhis_tl.data.images import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_MARK = "FULL_SCALE_GPU_PEAK_MIB"
@@ -125,7 +125,7 @@ def plan_stages(args: argparse.Namespace, work: Path, roots: dict, counts: dict)
 def build_trees(args: argparse.Namespace, work: Path) -> tuple[dict, dict, list[dict]]:
     """Both trees (reused when complete) and the index of each, timed: their roots, image
     counts (by the index) and rows."""
-    from breakhis_tl.index import build_index
+    from breakhis_tl.data.index import build_index
 
     layout = pd.read_csv(SHARED_DATA / "breakhis_layout.csv")["path"].tolist()
     n_breakhis, n_idc, patients = (200, 1500, 20) if args.small else (

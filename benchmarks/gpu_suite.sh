@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
 done
 work="${work:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")}"
 mkdir -p "$work/logs"
-# Compute-mode decisions (fastpath.choose) shared by the sections; a test session's own.
+# Compute-mode decisions (compute.choose) shared by the sections; a test session's own.
 export BREAKHIS_TL_DISPATCH_DIR="${BREAKHIS_TL_DISPATCH_DIR:-$work/dispatch}"
 cd "$here"
 
@@ -74,8 +74,8 @@ import sys
 import torch
 from common import autocast_throughput, emit, preset_batch
 
-from breakhis_tl.backbones import REGISTRY
-from breakhis_tl.features import pick_device
+from breakhis_tl.models.backbones import REGISTRY
+from breakhis_tl.features.extract import pick_device
 
 device_name, archs, presets, images, batch, rounds = sys.argv[1:]
 device = pick_device(device_name)
@@ -92,7 +92,7 @@ EOF
 
 section a "$a_limit" "$py" -c "$a_code" "$device" "$archs" "$presets" "$a_images" \
     "$a_batch" "$a_rounds"
-# c before b: c measures each default backbone's compute mode (fastpath.choose) into the
+# c before b: c measures each default backbone's compute mode (compute.choose) into the
 # shared dispatch folder, so b's cached run times extraction, not that one-off measurement.
 # shellcheck disable=SC2086  # the size arguments are meant to split
 section c "$c_limit" "$py" scale.py --projection-only --project breakhis,idc \

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from common import emit, machine, parser, table
 
-from breakhis_tl.heads import make_head
-from breakhis_tl.training import TrainConfig, feature_batches, fit, predict_features
+from breakhis_tl.heads.modules import make_head
+from breakhis_tl.heads.training import TrainConfig, feature_batches, fit, predict_features
 
 
 def main() -> None:

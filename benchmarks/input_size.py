@@ -1,7 +1,7 @@
 """Backbone throughput at several input sizes (`--input-size`), on real IDC patches.
 
 IDC patches are 50x50; the ImageNet default upscales them to 224, which costs (224/96)^2 = 5.4x
-the pixels of 96. Each (architecture, size) runs its own measured fast path (`fastpath.choose`
+the pixels of 96. Each (architecture, size) runs its own measured fast path (`compute.choose`
 at that size, as `train --input-size` would) over the same patches, decoded and resized once
 before the clock starts (the backbone pass is what the size changes). All pairs are timed
 interleaved in rotating order and repeated; a row is the median [min, max] img/s, and the
@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from common import emit, machine, parser, table, workdir
 
-from breakhis_tl import fastpath as F
-from breakhis_tl.backbones import build_backbone, with_input_size
-from breakhis_tl.features import pick_device
-from breakhis_tl.images import load_rgb
-from breakhis_tl.transforms import decode_transform, normalize
+from breakhis_tl.data.images import load_rgb
+from breakhis_tl.data.transforms import decode_transform, normalize
+from breakhis_tl.features.extract import pick_device
+from breakhis_tl.models import compute as F
+from breakhis_tl.models.backbones import build_backbone, with_input_size
 
 SHARED = Path(
     os.environ.get(
@@ -47,7 +47,7 @@ def setup(archs, sizes, paths, device, args) -> tuple[dict, dict]:
     images = [load_rgb(p) for p in paths]
     for arch in archs:
         for size in sizes:
-            # a fresh module per size: fastpath memoises its prepared copies per module
+            # a fresh module per size: compute.prepare memoises its prepared copies per module
             base = build_backbone(arch, "default" if arch == "efficientnet_lite0" else "none")
             bb = with_input_size(base, size)
             decode = decode_transform(bb.prep)

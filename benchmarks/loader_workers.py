@@ -45,8 +45,8 @@ from common import (
     workdir,
 )
 
-from breakhis_tl.backbones import REGISTRY
-from breakhis_tl.dataset import default_workers
+from breakhis_tl.data.dataset import default_workers
+from breakhis_tl.models.backbones import REGISTRY
 from breakhis_tl.runner import RunConfig, run_extraction
 
 

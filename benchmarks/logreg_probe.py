@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from common import emit, machine, parser, spread, workdir
 
-from breakhis_tl import logreg, training
-from breakhis_tl.training import LOGREG_C, TrainConfig
+from breakhis_tl.heads import logreg, training
+from breakhis_tl.heads.training import LOGREG_C, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "idc_real"
@@ -32,9 +32,9 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "idc_real"
 
 def features(data: Path, limit: int | None, work: Path) -> tuple[np.ndarray, ...]:
     """(features, labels, patients) of the IDC patches, from the cache after the first run."""
-    from breakhis_tl.backbones import build_backbone
-    from breakhis_tl.features import FeatureCache, Request, extract
-    from breakhis_tl.index import index_idc
+    from breakhis_tl.data.index import index_idc
+    from breakhis_tl.features.extract import FeatureCache, Request, extract
+    from breakhis_tl.models.backbones import build_backbone
 
     index = index_idc(data).sort_values(["patient", "relpath"]).reset_index(drop=True)
     if limit:
@@ -60,7 +60,7 @@ def tiled(x: np.ndarray, y: np.ndarray, g: np.ndarray, rows: int, seed: int = 0)
 
 def baseline(rev: str) -> types.ModuleType:
     """training.py as it was at `rev` (scikit-learn's solver), importable beside today's."""
-    src = subprocess.run(["git", "show", f"{rev}:breakhis_tl/training.py"], cwd=REPO_ROOT,
+    src = subprocess.run(["git", "show", f"{rev}:breakhis_tl/heads/training.py"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     module = types.ModuleType("baseline_training")
     sys.modules[module.__name__] = module  # its dataclasses look their module up

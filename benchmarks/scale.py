@@ -42,12 +42,12 @@ from common import (
     workdir,
 )
 
-from breakhis_tl.backbones import DEFAULT_ARCHS, build_backbone
-from breakhis_tl.fastpath import choose, fast_path, prepare
-from breakhis_tl.feature_cache import FeatureCache
-from breakhis_tl.features import Request, extract, feature_space, pick_device, run_backbone
-from breakhis_tl.identity import ImageStore
-from breakhis_tl.index import build_index
+from breakhis_tl.data.identity import ImageStore
+from breakhis_tl.data.index import build_index
+from breakhis_tl.features.cache import FeatureCache
+from breakhis_tl.features.extract import Request, extract, feature_space, pick_device, run_backbone
+from breakhis_tl.models.backbones import DEFAULT_ARCHS, build_backbone
+from breakhis_tl.models.compute import choose, fast_path, prepare
 
 FULL = {"breakhis": 7909, "idc": IDC_IMAGES}
 TARGET_RSS_MIB = 4096
@@ -164,8 +164,8 @@ def project(device, args, dataset: str, secs: dict[str, float]) -> dict:
 
 def run_breakhis(device, args, work: Path) -> dict:
     """Index + extract + train one architecture end to end through `run_training`."""
+    from breakhis_tl.heads.training import TrainConfig
     from breakhis_tl.runner import RunConfig, run_training
-    from breakhis_tl.training import TrainConfig
 
     t0 = time.perf_counter()
     patients = 82 if args.images >= 82 * 4 else None
@@ -252,10 +252,10 @@ def timed_extract(paths: list[str], bb, path, cache, store, device, args):
         [Request(bb, 0, np.arange(len(paths)), path)],
         cache,
         device,
-        args.batch,
-        args.workers,
+        store,
+        batch_size=args.batch,
+        workers=args.workers,
         progress=False,
-        store=store,
     )
     return got, rep, time.perf_counter() - t0
 

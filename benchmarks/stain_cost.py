@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from common import emit, machine, make_tree, parser, table, workdir
 
-from breakhis_tl.images import load_rgb
-from breakhis_tl.stain import StainError, StainNormaliser, stain_view, torchstain_version
+from breakhis_tl.data.images import load_rgb
+from breakhis_tl.data.stain import StainError, StainNormaliser, stain_view, torchstain_version
 
 BREAKHIS_IMAGES = 7909
 SHARED = Path(

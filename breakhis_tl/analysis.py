@@ -24,7 +24,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from breakhis_tl.errors import UserError
 from breakhis_tl.metrics import compute_metrics, fold_table, patient_rows, split_label
-from breakhis_tl.plots import mag_label
+from breakhis_tl.report.plots import mag_label
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +463,7 @@ def leakage_splits(
     `splits.patient_strata`); their images halved into the test images and the leak pool;
     validation patients carved from the rest, the same for both arms. Only the leak pool
     differs between the arms' training sets."""
-    from breakhis_tl.splits import check_strata, patient_strata, pick_patients, target_column
+    from breakhis_tl.data.splits import check_strata, patient_strata, pick_patients, target_column
 
     target = target_column(task)
     strata = patient_strata(index, target)  # the strata every patient-level split uses
@@ -483,9 +483,9 @@ def leakage_splits(
 
 def _study_index(data_dir, dataset, magnification, group_by, cache_dir) -> pd.DataFrame:
     """The images the study may use, with their pixel hashes (cached, as the runner does)."""
-    from breakhis_tl.identity import ImageStore
-    from breakhis_tl.index import build_index, filter_magnification, parse_magnification
-    from breakhis_tl.splits import apply_group_by
+    from breakhis_tl.data.identity import ImageStore
+    from breakhis_tl.data.index import build_index, filter_magnification, parse_magnification
+    from breakhis_tl.data.splits import apply_group_by
 
     index = build_index(data_dir, dataset)
     index = filter_magnification(index, parse_magnification(magnification))
@@ -500,7 +500,7 @@ def _study_index(data_dir, dataset, magnification, group_by, cache_dir) -> pd.Da
 def fresh_run_names(out_dir, prefix: str, arms, run: str | None = None) -> dict[str, str]:
     """`<prefix>_<timestamp>_<arm>` (a suffix added while a name is taken), or `<run>_<arm>`
     when a name is given; a given name already used is refused, never overwritten."""
-    from breakhis_tl.outputs import check_run_name, run_folders
+    from breakhis_tl.report.outputs import check_run_name, run_folders
 
     def taken(name):
         return any(f.exists() for f in run_folders(out_dir, name).values())
@@ -519,7 +519,7 @@ def fresh_run_names(out_dir, prefix: str, arms, run: str | None = None) -> dict[
 def _train_arms(splits: LeakageSplits, names: dict, group_by: str, cfg_kw: dict) -> dict:
     """Both arms from their own split files, with the same config and head seeds; features
     come from one cache, so only the heads are trained again."""
-    from breakhis_tl.folds import Plan, write_split
+    from breakhis_tl.data.folds import Plan, write_split
     from breakhis_tl.runner import RunConfig, run_training
 
     out = {}
@@ -633,7 +633,7 @@ def leakage_study(data_dir: str | Path, arch: str, out_dir: str | Path, **kwargs
     fields = {f.name for f in dataclasses.fields(StudyOptions)}
     o = StudyOptions(**{k: v for k, v in kwargs.items() if k in fields})
     kwargs = {k: v for k, v in kwargs.items() if k not in fields}
-    from breakhis_tl.training import TrainConfig
+    from breakhis_tl.heads.training import TrainConfig
 
     names = fresh_run_names(out_dir, o.run_prefix, ARMS, o.run)
     cache = kwargs.get("cache_dir") or Path(out_dir) / "data" / "cache"
@@ -660,8 +660,8 @@ def leakage_study(data_dir: str | Path, arch: str, out_dir: str | Path, **kwargs
 def run_config(run: Run, **changes):
     """The RunConfig a run was made with (from its config.json), with `changes` applied;
     fields this version does not know are dropped, and the data folder is the resolved one."""
+    from breakhis_tl.heads.training import TrainConfig
     from breakhis_tl.runner import RunConfig
-    from breakhis_tl.training import TrainConfig
 
     saved = dict(run.config.get("config", {}))
     known = {f.name for f in dataclasses.fields(RunConfig)}
@@ -759,7 +759,7 @@ def head_curves(history: pd.DataFrame, title: str, limit: int = 6) -> list:
     """One curves figure per head (at most `limit`: a run of folds x repeats has many),
     with the kept epoch (logreg: the kept C) marked as the run recorded it
     (`plots.selected_epoch`), the same mark as its saved figure and TensorBoard."""
-    from breakhis_tl.plots import curves_figure, selected_epoch
+    from breakhis_tl.report.plots import curves_figure, selected_epoch
 
     figures = []
     key = "head" if "head" in history else "arch"

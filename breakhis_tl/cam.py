@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from breakhis_tl.data.images import ImageError, as_rgb
+from breakhis_tl.data.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, SUBTYPES
+from breakhis_tl.data.transforms import decode_transform, normalize
 from breakhis_tl.errors import UserError
-from breakhis_tl.images import ImageError, as_rgb
-from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, SUBTYPES
-from breakhis_tl.plots import mag_label, save_figure
-from breakhis_tl.transforms import decode_transform, normalize
+from breakhis_tl.report.plots import mag_label, save_figure
 
 log = logging.getLogger(__name__)
 

@@ -444,9 +444,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from breakhis_tl.backbones import parse_archs
+    from breakhis_tl.heads.training import TrainConfig
+    from breakhis_tl.models.backbones import parse_archs
     from breakhis_tl.runner import RunConfig, run_training, summary_table
-    from breakhis_tl.training import TrainConfig
 
     cfg = RunConfig(
         data=args.data, dataset=args.dataset, archs=parse_archs(args.archs),
@@ -510,9 +510,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from breakhis_tl.backbones import parse_archs
+    from breakhis_tl.heads.training import TrainConfig
+    from breakhis_tl.models.backbones import parse_archs
     from breakhis_tl.runner import RunConfig, run_extraction
-    from breakhis_tl.training import TrainConfig
 
     shard = parse_shard(args.shard)
     cfg = RunConfig(
@@ -539,7 +539,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from breakhis_tl.download import BREAKHIS_IMAGES, BREAKHIS_URLS, download_breakhis
+    from breakhis_tl.data.download import BREAKHIS_IMAGES, BREAKHIS_URLS, download_breakhis
 
     urls = [u.strip() for arg in args.url or [] for u in arg.split(",") if u.strip()]
     root = download_breakhis(args.to, urls or BREAKHIS_URLS, args.expect or BREAKHIS_IMAGES)
@@ -548,7 +548,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from breakhis_tl.index import build_index, summary
+    from breakhis_tl.data.index import build_index, summary
 
     index = build_index(args.data, args.dataset)
     print(summary(index))
@@ -560,11 +560,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     """Make (or check) a split with the same function `train` uses, and say what is true of
     it: patients shared between sides, pixel-identical pictures on two sides or labels."""
-    from breakhis_tl.folds import SplitOptions, plan_folds, write_split
-    from breakhis_tl.identity import ImageStore
-    from breakhis_tl.index import build_index, filter_magnification, parse_magnification
-    from breakhis_tl.leakage import check_twins, leakage_line, shared_patients
-    from breakhis_tl.splits import check_classes, class_names, split_summary, target_column
+    from breakhis_tl.data.folds import SplitOptions, plan_folds, write_split
+    from breakhis_tl.data.identity import ImageStore
+    from breakhis_tl.data.index import build_index, filter_magnification, parse_magnification
+    from breakhis_tl.data.leakage import check_twins, leakage_line, shared_patients
+    from breakhis_tl.data.splits import check_classes, class_names, split_summary, target_column
 
     index = build_index(args.data, args.dataset)
     index = filter_magnification(index, parse_magnification(args.magnification))

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from breakhis_tl.backbones import DEFAULT_ARCHS
-from breakhis_tl.training import TrainConfig
+from breakhis_tl.heads.training import TrainConfig
+from breakhis_tl.models.backbones import DEFAULT_ARCHS
 
 
 @dataclass
@@ -49,7 +49,7 @@ class RunConfig:
 
     def __post_init__(self):
         if isinstance(self.archs, str):  # "a,b" or "all", as on the command line
-            from breakhis_tl.backbones import parse_archs
+            from breakhis_tl.models.backbones import parse_archs
 
             self.archs = parse_archs(self.archs)
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from breakhis_tl.errors import UserError
-from breakhis_tl.index import (
+from breakhis_tl.data.index import (
     BENIGN_SUBTYPES,
     BREAKHIS_NAME,
     IDC_CLASSES,
@@ -27,6 +26,7 @@ from breakhis_tl.index import (
     SUBTYPES,
     patient_of,
 )
+from breakhis_tl.errors import UserError
 from breakhis_tl.metrics import compute_metrics, patient_rows
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,8 @@ def split_inputs(
     """Image paths of one side (and fold) of a split file, found under `data`: its paths are
     relative to the BreaKHis_v1 root (or the IDC folder), as `split --out` and `train`
     write them, and are matched against the index's relpath."""
-    from breakhis_tl.folds import read_split
-    from breakhis_tl.index import build_index
+    from breakhis_tl.data.folds import read_split
+    from breakhis_tl.data.index import build_index
 
     split = read_split(split_file)
     folds = sorted(int(f) for f in split["fold"].dropna().unique())
@@ -262,7 +262,7 @@ def split_inputs(
 def write_outputs(ev: Evaluation, out: str | Path, title: str) -> list[Path]:
     """predictions.csv, metrics.csv (image and patient level), patients.csv and
     confusion.png (image level) under `out`; one sentence if the folder cannot be written."""
-    from breakhis_tl.plots import confusion_figure, save_figure
+    from breakhis_tl.report.plots import confusion_figure, save_figure
 
     out = Path(out)
     paths = [out / n for n in ("predictions.csv", "metrics.csv", "patients.csv")]

@@ -21,12 +21,8 @@ import pandas as pd
 import torch
 
 from breakhis_tl import __version__
-from breakhis_tl.backbones import Backbone, initialiser_versions
-from breakhis_tl.heads import make_head, save_head
-from breakhis_tl.metrics import METRICS, compute_metrics
-from breakhis_tl.plots import plot_confusion, plot_curves
-from breakhis_tl.tblog import log_epoch, log_final, open_writer
-from breakhis_tl.training import (
+from breakhis_tl.heads.modules import make_head, save_head
+from breakhis_tl.heads.training import (
     Feed,
     FitResult,
     Hooks,
@@ -38,6 +34,10 @@ from breakhis_tl.training import (
     fit_logreg_cv,
     predict_features,
 )
+from breakhis_tl.metrics import METRICS, compute_metrics
+from breakhis_tl.models.backbones import Backbone, initialiser_versions
+from breakhis_tl.report.plots import plot_confusion, plot_curves
+from breakhis_tl.report.tblog import log_epoch, log_final, open_writer
 
 if TYPE_CHECKING:
     from breakhis_tl.config import RunConfig
@@ -90,7 +90,7 @@ def runs_end_to_end(cfg: RunConfig) -> bool:
 
 def job_mode(ctx, job: HeadJob):
     """The compute mode this head's features came from (it is in their cache key)."""
-    from breakhis_tl.fastpath import fast_path
+    from breakhis_tl.models.compute import fast_path
 
     return ctx.modes.get((job.backbone.name, job.backbone.weights_id)) or fast_path(ctx.device)
 

@@ -18,15 +18,21 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from breakhis_tl.backbones import Backbone, build_backbone
-from breakhis_tl.dataset import collate_noted, default_workers
+from breakhis_tl.data.dataset import collate_noted, default_workers
+from breakhis_tl.data.images import ImageError, as_rgb
+from breakhis_tl.data.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, accession_of, patient_of
+from breakhis_tl.data.stain import StainSetup
+from breakhis_tl.data.transforms import (
+    N_VIEWS,
+    Preprocessing,
+    decode_transform,
+    dihedral,
+    normalize,
+)
 from breakhis_tl.errors import UserError
-from breakhis_tl.features import fast_path, pick_device, prepare, run_backbone
-from breakhis_tl.heads import load_head
-from breakhis_tl.images import ImageError, as_rgb
-from breakhis_tl.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, accession_of, patient_of
-from breakhis_tl.stain import StainSetup
-from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral, normalize
+from breakhis_tl.features.extract import fast_path, pick_device, prepare, run_backbone
+from breakhis_tl.heads.modules import load_head
+from breakhis_tl.models.backbones import Backbone, build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ class _InputDataset(Dataset):
 def head_mode(meta: dict, device: torch.device):
     """The compute mode the head's training features came from, where this machine has it
     (features differ by dtype); else this machine's default fast path."""
-    from breakhis_tl.fastpath import FastPath, cpu_supports_bf16
+    from breakhis_tl.models.compute import FastPath, cpu_supports_bf16
 
     try:
         mode = FastPath.from_dict(meta["compute_mode"])
@@ -133,7 +139,7 @@ def domain_warning(names: list[str], sizes: list, dataset: str, classes: list[st
 def _head_split(head_path: str | Path | None, meta: dict) -> pd.DataFrame | None:
     """The train and val rows of the head's fold in the split.csv beside the head file; None
     where there is none (a head copied alone) or it cannot be read."""
-    from breakhis_tl.folds import read_split
+    from breakhis_tl.data.folds import read_split
 
     split_file = Path(head_path).parent / "split.csv" if head_path else None
     if split_file is None or not split_file.is_file():
@@ -215,12 +221,12 @@ def seen_warning(sides: list[str]) -> str:
 def _restore_random_init(path: str | Path, bb: Backbone, meta: dict) -> None:
     """The weights the head's seed draws here must be the ones it was trained on (checked
     where the head has their fingerprint), and its batch-norm statistics go back in."""
-    from breakhis_tl.backbones import (
+    from breakhis_tl.models.backbones import (
         initialiser_versions,
         random_weights_fingerprint,
         same_random_weights,
     )
-    from breakhis_tl.calibration import FINGERPRINT_KEY, load_bn_state
+    from breakhis_tl.models.calibration import FINGERPRINT_KEY, load_bn_state
 
     extra = {k: v for k, v in meta.get("_extra", {}).items() if not k.startswith("stain.")}
     fingerprint = extra.pop(FINGERPRINT_KEY, None)
@@ -271,7 +277,7 @@ class Classifier:
         if meta["weights"] == "none":
             _restore_random_init(path, bb, meta)
         if int(meta["prep"]["input_size"]) != bb.prep.input_size:  # trained at --input-size
-            from breakhis_tl.backbones import with_input_size
+            from breakhis_tl.models.backbones import with_input_size
 
             bb = with_input_size(bb, int(meta["prep"]["input_size"]))
         if bb.feature_dim != int(meta["feature_dim"]):

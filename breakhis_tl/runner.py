@@ -22,16 +22,16 @@ import pandas as pd
 import torch
 
 from breakhis_tl import __version__, headjob
-from breakhis_tl.backbones import (
-    Backbone,
-    build_backbone,
-    check_arch,
-    with_input_size,
-)
 from breakhis_tl.config import RunConfig, view_pairs
+from breakhis_tl.data.folds import Plan, SplitOptions, check_options, plan_folds, write_split
+from breakhis_tl.data.identity import ImageStore
+from breakhis_tl.data.index import build_index, filter_magnification, parse_magnification
+from breakhis_tl.data.leakage import check_twins
+from breakhis_tl.data.splits import TASKS, check_classes, class_names, target_column
+from breakhis_tl.data.stain import StainNormaliser, StainSetup
+from breakhis_tl.data.transforms import N_VIEWS
 from breakhis_tl.errors import UserError
-from breakhis_tl.fastpath import PRECISIONS, choose
-from breakhis_tl.features import (
+from breakhis_tl.features.extract import (
     ExtractionReport,
     FeatureCache,
     Request,
@@ -41,13 +41,17 @@ from breakhis_tl.features import (
     pick_device,
     prepare,
 )
-from breakhis_tl.folds import Plan, SplitOptions, check_options, plan_folds, write_split
-from breakhis_tl.heads import HEADS
-from breakhis_tl.identity import ImageStore
-from breakhis_tl.index import build_index, filter_magnification, parse_magnification
-from breakhis_tl.leakage import check_twins
+from breakhis_tl.heads.modules import HEADS
+from breakhis_tl.heads.recipes import RECIPES, apply_recipe
 from breakhis_tl.metrics import fold_table
-from breakhis_tl.outputs import (
+from breakhis_tl.models.backbones import (
+    Backbone,
+    build_backbone,
+    check_arch,
+    with_input_size,
+)
+from breakhis_tl.models.compute import PRECISIONS, choose
+from breakhis_tl.report.outputs import (
     atomic_csv,
     atomic_json,
     check_run_name,
@@ -56,11 +60,7 @@ from breakhis_tl.outputs import (
     open_run_folders,
     run_folders,
 )
-from breakhis_tl.plots import CURVE_METRICS, plot_comparison
-from breakhis_tl.recipes import RECIPES, apply_recipe
-from breakhis_tl.splits import TASKS, check_classes, class_names, target_column
-from breakhis_tl.stain import StainNormaliser, StainSetup
-from breakhis_tl.transforms import N_VIEWS
+from breakhis_tl.report.plots import CURVE_METRICS, plot_comparison
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _resolve_data(cfg: RunConfig, out: Path) -> Path:
         return Path(cfg.data)
     data = out / "data"
     if cfg.dataset == "breakhis" and not (data / "BreaKHis_v1").is_dir():
-        from breakhis_tl.download import download_breakhis
+        from breakhis_tl.data.download import download_breakhis
 
         log.info("No --data given and no BreakHis in %s: downloading it first.", data)
         download_breakhis(data)
@@ -270,7 +270,7 @@ def build_backbones(
 ) -> dict[tuple[str, int | None], Backbone]:
     """(arch, fold) -> frozen backbone. A random init gets its batch-norm statistics from
     each fold's own training images, so a baseline never sees its test images; on `device`."""
-    from breakhis_tl.calibration import calibrate, has_batchnorm
+    from breakhis_tl.models.calibration import calibrate, has_batchnorm
 
     def build(arch, weights):
         bb = build_backbone(arch, weights, cfg.train.seed)
@@ -297,7 +297,7 @@ def build_backbones(
 def _all_missing(cfg: RunConfig, exc: UserError) -> UserError:
     """The first missing ImageNet checkpoint's sentence, with every other architecture of
     the run that would need a download too."""
-    from breakhis_tl.backbones import missing_imagenet
+    from breakhis_tl.models.backbones import missing_imagenet
 
     wanted = [a for a in cfg.archs if weights_for(cfg.weights, a) == "default"]
     missing = missing_imagenet(wanted)
@@ -308,7 +308,7 @@ def _all_missing(cfg: RunConfig, exc: UserError) -> UserError:
 
 
 def compute_modes(cfg: RunConfig, backbones, device, cache_root: Path, shard=None) -> dict:
-    """(arch, weights id) -> the compute mode for this machine (`fastpath.choose`), kept
+    """(arch, weights id) -> the compute mode for this machine (`compute.choose`), kept
     per machine in dispatch.json. Its dtype is a rule of the hardware, so shards on alike
     machines extract one feature space; shards on unlike ones should share --precision."""
     import os
@@ -354,9 +354,10 @@ def extract_features(s: Setup, cache, modes: dict, shard=None, hash_pixels: bool
         view_pos[key] = {int(r): i for i, r in enumerate(vr)}
         requests += [Request(bb, v, vr, modes.get(key), sv) for v, sv in view_pairs(cfg)]
     paths = data.images["path"].tolist()
-    got, report = extract(paths, requests, cache, s.device, cfg.extract_batch, cfg.workers,
-                          cfg.strict, progress=cfg.progress, store=s.store, shard=shard,
-                          stain=s.stain, hash_pixels=hash_pixels)  # fmt: skip
+    got, report = extract(paths, requests, cache, s.device, s.store,
+                          batch_size=cfg.extract_batch, workers=cfg.workers, strict=cfg.strict,
+                          progress=cfg.progress, shard=shard, stain=s.stain,
+                          hash_pixels=hash_pixels)  # fmt: skip
     feats = {}
     for req, (f, ok) in zip(requests, got, strict=True):
         feats[(req.backbone.name, req.backbone.weights_id, req.view, req.stain_view)] = (f, ok)
@@ -467,7 +468,7 @@ class _Context:
 
 
 def head_jobs(cfg: RunConfig, data: Data, backbones, stain: StainSetup) -> list[headjob.HeadJob]:
-    from breakhis_tl.calibration import random_init_record
+    from breakhis_tl.models.calibration import random_init_record
 
     rows_of = {rel: i for i, rel in enumerate(data.images["relpath"])}
     jobs, fingerprints = [], {}
@@ -517,7 +518,7 @@ def resolve_protocol(cfg: RunConfig) -> RunConfig:
     """A split file's own protocol decides the task and classes when --protocol is left out
     (an eva split is the four-class subtype task)."""
     if cfg.protocol is None and cfg.split_file and Path(cfg.split_file).is_file():
-        from breakhis_tl.folds import read_split
+        from breakhis_tl.data.folds import read_split
 
         written = read_split(cfg.split_file)
         if "protocol" in written and written["protocol"].notna().any():

@@ -96,7 +96,7 @@ def full_folds_csv(full_tree) -> Path:
 @pytest.fixture(scope="session")
 def made_folds_csv(full_tree, tmp_path_factory) -> Path:
     """A self-made Folds.csv in the official format, for the malformed-file tests only."""
-    from breakhis_tl.index import index_breakhis
+    from breakhis_tl.data.index import index_breakhis
 
     index = index_breakhis(full_tree)
     rows = [(1, r.magnification, "test" if i % 3 == 0 else "train", r.relpath)
@@ -109,8 +109,8 @@ def made_folds_csv(full_tree, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sample_run(tmp_path_factory, breakhis_sample):
     """One real training run on the 14 sample images with the pretrained offline backbone."""
+    from breakhis_tl.heads.training import TrainConfig
     from breakhis_tl.runner import RunConfig, run_training
-    from breakhis_tl.training import TrainConfig
 
     out = tmp_path_factory.mktemp("run")
     cfg = RunConfig(

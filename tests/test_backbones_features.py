@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from breakhis_tl.backbones import REGISTRY, build_backbone, parse_archs
+from breakhis_tl.data.identity import ImageStore
+from breakhis_tl.data.images import load_rgb
+from breakhis_tl.data.transforms import decode_transform, dihedral, normalize
 from breakhis_tl.errors import UserError
-from breakhis_tl.features import (
+from breakhis_tl.features.extract import (
     FeatureCache,
     Request,
     extract,
@@ -16,9 +18,7 @@ from breakhis_tl.features import (
     feature_space,
     run_backbone,
 )
-from breakhis_tl.identity import ImageStore
-from breakhis_tl.images import load_rgb
-from breakhis_tl.transforms import decode_transform, dihedral, normalize
+from breakhis_tl.models.backbones import REGISTRY, build_backbone, parse_archs
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_feature_space_changes_with_every_input(lite0):
 
 def test_random_weights_feature_space_follows_the_initialising_library(lite0, monkeypatch):
     """The seed names random weights only together with the library that draws them."""
-    from breakhis_tl import features
+    from breakhis_tl.features import extract as features
 
     fp = type(fast_path(torch.device("cpu")))(None, True)
     rand = dataclasses.replace(lite0, weights="none", weights_id="none-seed0")
@@ -245,7 +245,7 @@ def test_broken_image_skipped_or_strict(lite0, sample_paths, tmp_path, caplog):
 
 
 def test_fast_path_choice():
-    from breakhis_tl.features import cpu_supports_bf16
+    from breakhis_tl.features.extract import cpu_supports_bf16
 
     cpu = fast_path(torch.device("cpu"))
     assert cpu.channels_last
@@ -260,7 +260,7 @@ def test_timm_is_imported_only_when_asked_for():
     import sys
 
     code = (
-        "import sys; from breakhis_tl.backbones import build_backbone, check_arch; "
+        "import sys; from breakhis_tl.models.backbones import build_backbone, check_arch; "
         "build_backbone('mobilenet_v2', 'none'); check_arch('uni'); "
         "assert 'timm' not in sys.modules and 'huggingface_hub' not in sys.modules; "
         "bb = build_backbone('timm:resnet18', 'none'); assert 'timm' in sys.modules; "

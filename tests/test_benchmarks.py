@@ -136,9 +136,9 @@ def test_idc_tree_matches_the_kaggle_layout(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from common import make_idc_tree
 
-    from breakhis_tl.identity import content_id
-    from breakhis_tl.images import load_rgb
-    from breakhis_tl.index import build_index
+    from breakhis_tl.data.identity import content_id
+    from breakhis_tl.data.images import load_rgb
+    from breakhis_tl.data.index import build_index
 
     index = build_index(make_idc_tree(tmp_path, 40, 4), "idc")
     assert len(index) == 40 and index["patient"].nunique() == 4
@@ -183,7 +183,7 @@ def test_foundation_presets_take_their_own_batch_size():
     import torch
     from common import low_precision, preset_batch
 
-    from breakhis_tl.foundation import PRESETS
+    from breakhis_tl.models.foundation import PRESETS
 
     assert preset_batch("phikon", 8) == PRESETS["phikon"].batch_size == 64
     assert preset_batch("h_optimus_0", 8) == 32
@@ -231,7 +231,7 @@ def test_extraction_throughput_runs_a_foundation_preset_with_random_weights(tmp_
     """The smallest preset (phikon, ViT-B/16) by name: random weights without --weights (no
     download), the preset's own batch (64) and preprocessing, its memory estimate beside
     the measured peak."""
-    from breakhis_tl.foundation import PRESETS
+    from breakhis_tl.models.foundation import PRESETS
 
     args = ["--archs", "phikon", "--modes", "fp32", "--images", "2", "--repeats", "1",
             "--threads", "1"]  # fmt: skip
@@ -263,7 +263,7 @@ def test_extraction_throughput_weights_and_batch_defaults():
     import torch
     from extraction_throughput import batch_for, parse_mode, weights_for
 
-    from breakhis_tl import fastpath as F
+    from breakhis_tl.models import compute as F
 
     assert weights_for(None, "efficientnet_lite0") == "default"
     assert weights_for(None, "uni") == weights_for(None, "resnet50") == "none"
@@ -300,9 +300,9 @@ def test_stand_in_checkpoint_is_calibrated_on_the_runs_training_images(tmp_path,
     import cached_vs_end_to_end as bench
     from common import make_tree
 
-    import breakhis_tl.calibration as calibration
+    import breakhis_tl.models.calibration as calibration
+    from breakhis_tl.data.splits import class_names
     from breakhis_tl.runner import RunConfig, prepare_data, resolve_protocol
-    from breakhis_tl.splits import class_names
 
     data = make_tree(tmp_path / "images", 16)
     seen = []
@@ -403,7 +403,7 @@ def test_full_scale_breakhis_tree_holds_unique_copies_of_real_images(tmp_path, b
     no two files alike; the full plan gives every layout path a source of its subtype."""
     from conftest import _shared
 
-    from breakhis_tl.identity import content_id, pixel_hash
+    from breakhis_tl.data.identity import content_id, pixel_hash
 
     fs = _bench("common")
     real, layout = _shared("breakhis_real"), breakhis_layout["path"].tolist()
@@ -436,8 +436,8 @@ def test_full_scale_idc_tree_has_the_kaggle_names_and_varied_class_shares(tmp_pa
     import pandas as pd
     from conftest import _shared
 
-    from breakhis_tl.identity import content_id, pixel_hash
-    from breakhis_tl.index import build_index
+    from breakhis_tl.data.identity import content_id, pixel_hash
+    from breakhis_tl.data.index import build_index
 
     fs = _bench("common")
     root = fs.make_real_idc_tree(tmp_path / "idc", _shared("idc_real"), 60, 3, workers=2)

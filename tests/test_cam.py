@@ -92,7 +92,7 @@ def test_both_classes_of_the_default_head_have_a_map(clf, breakhis_sample):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from breakhis_tl.transforms import decode_transform, normalize
+    from breakhis_tl.data.transforms import decode_transform, normalize
 
     assert clf.meta["head"] == "logreg"
     paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))

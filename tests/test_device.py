@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from breakhis_tl import dataset
-from breakhis_tl.backbones import build_backbone
-from breakhis_tl.calibration import calibrate
+from breakhis_tl.data import dataset
+from breakhis_tl.models.backbones import build_backbone
+from breakhis_tl.models.calibration import calibrate
 
 
 class _Seen(Exception):
@@ -60,7 +60,7 @@ def test_save_block_saves_the_blocks_rows_of_each_request():
     out, whatever else the request holds."""
     from types import SimpleNamespace
 
-    from breakhis_tl.features import _save_block
+    from breakhis_tl.features.extract import _save_block
 
     prep = SimpleNamespace(to_dict=lambda: {})
     bb = SimpleNamespace(name="a", weights_id="w", prep=prep)

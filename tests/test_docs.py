@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import SHARED, _shared
 
-from breakhis_tl.backbones import parse_archs
 from breakhis_tl.cli import build_parser, main
+from breakhis_tl.models.backbones import parse_archs
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from breakhis_tl.cli import main
-from breakhis_tl.download import (
+from breakhis_tl.data.download import (
     SourceError,
     download_breakhis,
     fetch,
@@ -217,7 +217,7 @@ def test_falls_back_to_the_second_source(serve, archive, tmp_path, caplog, refus
         payload = b"<html>not the archive</html>" if first_mode == "garbage" else full
         first, first_handler = serve(payload, "ok" if first_mode == "garbage" else first_mode)
     second, second_handler = serve(full)
-    caplog.set_level(logging.WARNING, logger="breakhis_tl.download")
+    caplog.set_level(logging.WARNING, logger="breakhis_tl.data.download")
     root = download_breakhis(tmp_path, [first, second], expected=14)
     assert len(list((root / "BreaKHis_v1").rglob("*.png"))) == 14
     if first_handler is not None:
@@ -323,7 +323,7 @@ def test_redownload_is_verified_and_a_mismatching_source_skipped(
     (tmp_path / ARCHIVE).unlink()
     liar, _ = serve(tampered.read_bytes())
     honest, _ = serve(archive.read_bytes())
-    caplog.set_level(logging.WARNING, logger="breakhis_tl.download")
+    caplog.set_level(logging.WARNING, logger="breakhis_tl.data.download")
     download_breakhis(tmp_path, [liar, honest], expected=14)
     assert sha256((tmp_path / ARCHIVE).read_bytes()) == good
     assert any(

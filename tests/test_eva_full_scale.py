@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from breakhis_tl.cli import main
-from breakhis_tl.heads import read_head_file
-from breakhis_tl.index import SUBTYPES
+from breakhis_tl.data.index import SUBTYPES
+from breakhis_tl.heads.modules import read_head_file
 
 EVA_CLASSES = ["F", "TA", "DC", "MC"]
 STEPS = 20  # eva: 12,500; see the module's docstring
@@ -28,8 +28,8 @@ CODE_OF = {name: code for code, name in SUBTYPES.items()}
 
 
 def test_eva_split_counts_on_all_7909_paths(full_tree):
-    from breakhis_tl.folds import SplitOptions, plan_folds
-    from breakhis_tl.index import index_breakhis
+    from breakhis_tl.data.folds import SplitOptions, plan_folds
+    from breakhis_tl.data.index import index_breakhis
 
     split = dict(plan_folds(index_breakhis(full_tree), SplitOptions("eva", task="subtype")).folds)
     split = split[None]
@@ -42,7 +42,7 @@ def eva_tree(breakhis_layout, tmp_path_factory):
     """PER_SIDE 40X paths per class on each side of eva's split, each a picture of its own:
     8x8 PNGs coloured by subtype with per-image noise (one picture under two names would
     rightly stop the run as a leak)."""
-    from breakhis_tl.splits import EVA_VAL_PATIENTS
+    from breakhis_tl.data.splits import EVA_VAL_PATIENTS
 
     root = tmp_path_factory.mktemp("eva")
     rng = np.random.default_rng(0)
@@ -66,7 +66,7 @@ def eva_tree(breakhis_layout, tmp_path_factory):
 
 
 def test_eva_recipe_five_runs(eva_tree, tmp_path, capsys, monkeypatch):
-    from breakhis_tl import recipes
+    from breakhis_tl.heads import recipes
 
     monkeypatch.setitem(recipes.EVA_TRAIN, "max_steps", STEPS)
     args = ["train", "--data", str(eva_tree), "--protocol", "eva", "--recipe", "eva",

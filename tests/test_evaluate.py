@@ -10,6 +10,8 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from breakhis_tl.cli import main
+from breakhis_tl.data.index import index_breakhis, index_idc
+from breakhis_tl.data.splits import class_names
 from breakhis_tl.errors import UserError
 from breakhis_tl.evaluate import (
     assess,
@@ -19,10 +21,8 @@ from breakhis_tl.evaluate import (
     score,
     split_inputs,
 )
-from breakhis_tl.heads import load_head, make_head, save_head
-from breakhis_tl.index import index_breakhis, index_idc
+from breakhis_tl.heads.modules import load_head, make_head, save_head
 from breakhis_tl.predict import Classifier, domain_warning, patient_of
-from breakhis_tl.splits import class_names
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,7 @@ def _marks(fig):
 def test_head_curves_mark_the_c_the_run_selected():
     import matplotlib.pyplot as plt
 
-    from breakhis_tl.plots import selected_epoch
+    from breakhis_tl.report.plots import selected_epoch
 
     (fig,) = analysis.head_curves(_c_history(), "t")  # an older run: the runner's rule
     assert _marks(fig) == {2}  # grouped CV picked C, not val's best (6)
@@ -156,7 +156,7 @@ def test_band_legend_shows_the_band_colour():
     import matplotlib.colors as mcolors
     import matplotlib.pyplot as plt
 
-    from breakhis_tl import plots
+    from breakhis_tl.report import plots
 
     runs = [[{"epoch": e, "val_loss": 1 / e + s / 10} for e in (1, 2, 3)] for s in range(3)]
     fig = plots.comparison_figure({"a": runs, "b": runs}, "loss", "demo")
@@ -174,7 +174,7 @@ def test_band_legend_shows_the_band_colour():
 def test_confusion_figure_is_readable():
     import matplotlib.pyplot as plt
 
-    from breakhis_tl.plots import confusion_figure
+    from breakhis_tl.report.plots import confusion_figure
 
     fig = confusion_figure([[3, 1], [2, 9]], CLASSES, "efficientnet_lite0 (test, all folds)")
     fig.canvas.draw()
@@ -184,7 +184,7 @@ def test_confusion_figure_is_readable():
 
 
 def test_tensorboard_draws_the_score_that_picks_c():
-    from breakhis_tl import tblog
+    from breakhis_tl.report import tblog
 
     class Writer:
         def __init__(self):
@@ -221,7 +221,7 @@ def _idc_index(patients=14, seed=0):
 
 
 def test_idc_patients_are_stratified_by_their_share_not_their_majority():
-    from breakhis_tl.splits import make_split, patient_strata
+    from breakhis_tl.data.splits import make_split, patient_strata
 
     index = _idc_index()
     strata = patient_strata(index, "label")
@@ -240,7 +240,7 @@ def test_idc_patients_are_stratified_by_their_share_not_their_majority():
 def test_leakage_study_uses_the_same_strata():
     index = _idc_index()
     splits = analysis.leakage_splits(index, "binary", seed=3)
-    from breakhis_tl.splits import patient_strata
+    from breakhis_tl.data.splits import patient_strata
 
     strata = patient_strata(index, "label")
     test = splits.patient.loc[splits.patient["split"] == "test", "patient"].unique()
@@ -276,10 +276,10 @@ def test_eva_recipe_trains_its_first_five_epochs_at_a_third_of_the_lr():
 
     import torch
 
-    from breakhis_tl.heads import make_head
-    from breakhis_tl.recipes import apply_recipe
+    from breakhis_tl.heads.modules import make_head
+    from breakhis_tl.heads.recipes import apply_recipe
+    from breakhis_tl.heads.training import feature_batches, fit
     from breakhis_tl.runner import RunConfig
-    from breakhis_tl.training import feature_batches, fit
 
     cfg = apply_recipe(RunConfig(archs=["efficientnet_lite0"], recipe="eva"))
     assert (cfg.train.warmup_epochs, cfg.train.warmup_factor) == (5, pytest.approx(1 / 3))
@@ -405,8 +405,8 @@ def test_missing_weights_name_them_all_and_the_offline_arch(
 
 
 def test_weights_path_that_does_not_exist_is_named_as_such(tmp_path):
-    from breakhis_tl.backbones import weights_id
     from breakhis_tl.errors import UserError
+    from breakhis_tl.models.backbones import weights_id
 
     with pytest.raises(UserError, match=r"--weights /x/nope.pt: no such file; give default"):
         weights_id("/x/nope.pt", 0)
@@ -439,9 +439,9 @@ def test_predict_out_folder_is_refused_before_any_work(tmp_path, capsys, monkeyp
 def test_random_cv_warns_once(idc_sample, caplog):
     import logging
 
-    from breakhis_tl.folds import SplitOptions, plan_folds
-    from breakhis_tl.index import build_index
-    from breakhis_tl.splits import RANDOM_WARNING
+    from breakhis_tl.data.folds import SplitOptions, plan_folds
+    from breakhis_tl.data.index import build_index
+    from breakhis_tl.data.splits import RANDOM_WARNING
 
     index = build_index(idc_sample, "idc")
     with caplog.at_level(logging.WARNING):

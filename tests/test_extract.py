@@ -11,8 +11,8 @@ from conftest import REPO
 from safetensors.torch import load_file
 
 from breakhis_tl.cli import main, parse_shard
+from breakhis_tl.data.identity import ImageStore
 from breakhis_tl.errors import UserError
-from breakhis_tl.identity import ImageStore
 
 
 def _env():
@@ -77,8 +77,8 @@ def test_shard_option_and_environment(monkeypatch):
 def test_a_shard_decodes_only_its_own_images(breakhis_sample, tmp_path, monkeypatch):
     """A shard hashes its images in their extraction's decode and leaves the picture check
     (which needs every image) to train: n shards do not each decode the whole dataset."""
-    from breakhis_tl import identity
-    from breakhis_tl.features import in_shard
+    from breakhis_tl.data import identity
+    from breakhis_tl.features.extract import in_shard
     from breakhis_tl.runner import RunConfig, run_extraction
 
     decoded = []

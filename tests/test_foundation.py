@@ -23,9 +23,9 @@ import timm  # noqa: E402
 from huggingface_hub import errors as hub_errors  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from breakhis_tl import foundation as F  # noqa: E402
+from breakhis_tl.data.identity import sha256_file
 from breakhis_tl.errors import UserError  # noqa: E402
-from breakhis_tl.identity import sha256_file
+from breakhis_tl.models import foundation as F  # noqa: E402
 
 DOCUMENTED = {  # name: (feature size, pooling), as the cards give them
     "uni": (1024, "cls"),
@@ -291,7 +291,7 @@ def test_offline_mode_with_empty_cache_names_the_hub_id(tmp_path):
     script = textwrap.dedent(
         """
         import sys
-        from breakhis_tl import foundation as F
+        from breakhis_tl.models import foundation as F
         from breakhis_tl.errors import UserError
         print("lazy", "timm" in sys.modules, "huggingface_hub" in sys.modules)
         for name in ("uni", "phikon", "kaiko_vitl14"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from breakhis_tl.errors import UserError
-from breakhis_tl.heads import HEAD_FORMAT, load_head, make_head, read_head_file, save_head
+from breakhis_tl.heads.modules import HEAD_FORMAT, load_head, make_head, read_head_file, save_head
 from breakhis_tl.metrics import compute_metrics, patient_rate
 
 META = {

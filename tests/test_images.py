@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breakhis_tl.dataset import ImageDataset, collate, make_loader
-from breakhis_tl.images import ImageError, load_rgb
-from breakhis_tl.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral
+from breakhis_tl.data.dataset import ImageDataset, collate, make_loader
+from breakhis_tl.data.images import ImageError, load_rgb
+from breakhis_tl.data.transforms import N_VIEWS, Preprocessing, decode_transform, dihedral
 
 
 def _save(tmp_path, name, im, **kw):
@@ -80,7 +80,7 @@ def torch_arange():
 def test_default_workers_follow_the_usable_cores(monkeypatch):
     """A core per worker beside the main process, at most 4; 2 on a 2-core machine, where 1
     worker was measured slowest (README, Performance); none on one core."""
-    import breakhis_tl.dataset as dataset
+    import breakhis_tl.data.dataset as dataset
 
     got = {}
     for cores in (1, 2, 3, 5, 16):
@@ -95,7 +95,7 @@ def test_epoch_seeded_draws_per_image_and_epoch_and_leaves_the_callers_generator
     import torch
     from torch.utils.data import Dataset
 
-    from breakhis_tl.dataset import EpochSeeded, EpochShuffle
+    from breakhis_tl.data.dataset import EpochSeeded, EpochShuffle
 
     class Draws(Dataset):
         def __len__(self):

@@ -3,8 +3,8 @@ import logging
 import pytest
 
 from breakhis_tl.cli import main
+from breakhis_tl.data.index import build_index, index_breakhis, index_idc, parse_magnification
 from breakhis_tl.errors import UserError
-from breakhis_tl.index import build_index, index_breakhis, index_idc, parse_magnification
 
 
 def test_full_scale_index_matches_published_counts(full_tree):

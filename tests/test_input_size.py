@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from breakhis_tl.backbones import build_backbone, with_input_size
 from breakhis_tl.errors import UserError
+from breakhis_tl.heads.training import TrainConfig
+from breakhis_tl.models.backbones import build_backbone, with_input_size
 from breakhis_tl.predict import Classifier
 from breakhis_tl.runner import RunConfig, run_training
-from breakhis_tl.training import TrainConfig
 
 
 def test_cnns_take_a_smaller_input_and_fixed_size_models_refuse():

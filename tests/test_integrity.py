@@ -12,25 +12,25 @@ import pytest
 import torch
 from conftest import _shared
 
-from breakhis_tl import calibration
-from breakhis_tl.backbones import (
+from breakhis_tl.cli import main
+from breakhis_tl.data.folds import SplitOptions, plan_folds, write_split
+from breakhis_tl.data.index import index_breakhis
+from breakhis_tl.data.splits import apply_group_by
+from breakhis_tl.errors import UserError
+from breakhis_tl.features.extract import Request, check_features, extract
+from breakhis_tl.heads.modules import read_head_file
+from breakhis_tl.heads.training import TrainConfig
+from breakhis_tl.models import calibration
+from breakhis_tl.models.backbones import (
     REGISTRY,
     build_backbone,
     random_weights_fingerprint,
     same_random_weights,
     with_input_size,
 )
-from breakhis_tl.calibration import bn_state, calibrate, calibration_id
-from breakhis_tl.cli import main
-from breakhis_tl.errors import UserError
-from breakhis_tl.fastpath import cpu_info
-from breakhis_tl.features import Request, check_features, extract
-from breakhis_tl.folds import SplitOptions, plan_folds, write_split
-from breakhis_tl.heads import read_head_file
-from breakhis_tl.index import index_breakhis
+from breakhis_tl.models.calibration import bn_state, calibrate, calibration_id
+from breakhis_tl.models.compute import cpu_info
 from breakhis_tl.runner import RunConfig, run_training
-from breakhis_tl.splits import apply_group_by
-from breakhis_tl.training import TrainConfig
 
 TWIN_DC = "SOB_M_DC-14-13412-100-003.png"
 TWIN_LC = "SOB_M_LC-14-13412-100-003.png"
@@ -181,8 +181,8 @@ def test_official_fold_1_reports_the_real_dc_lc_twin(breakhis_real, tmp_path, ca
 
 
 def test_patient_key_joins_the_twin_in_every_other_protocol(breakhis_real, tmp_path, caplog):
-    from breakhis_tl.identity import ImageStore
-    from breakhis_tl.leakage import find_twins
+    from breakhis_tl.data.identity import ImageStore
+    from breakhis_tl.data.leakage import find_twins
 
     index = index_breakhis(breakhis_real)
     pixels = ImageStore(tmp_path / "i.sqlite").pixel_hashes(index["path"].tolist())
@@ -355,7 +355,7 @@ def test_calibration_does_not_depend_on_the_thread_count(arch, breakhis_sample):
 def test_a_calibrated_backbone_is_named_by_everything_its_statistics_came_from(
     breakhis_sample, monkeypatch
 ):
-    from breakhis_tl.stain import StainNormaliser, StainSetup
+    from breakhis_tl.data.stain import StainNormaliser, StainSetup
 
     paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))[:6]
     bb = build_backbone("mobilenet_v2", "none", seed=0)
@@ -379,7 +379,7 @@ def test_random_weights_are_told_apart_by_draw_not_by_the_cpus_last_bits(tmp_pat
     weights name and one fingerprint for both, another for another draw."""
     here = build_backbone("mobilenet_v2", "none", seed=0)
     code = (
-        "import sys, torch; from breakhis_tl.backbones import *; "
+        "import sys, torch; from breakhis_tl.models.backbones import *; "
         "bb = build_backbone('mobilenet_v2', 'none', seed=0); "
         "torch.save((bb.weights_id, random_weights_fingerprint(bb.module)), sys.argv[1])"
     )
@@ -412,8 +412,8 @@ def test_a_random_init_head_predicts_and_refuses_other_random_weights(
 ):
     """The head carries the batch-norm statistics and a fingerprint of the random weights;
     predict rebuilds the weights from the seed and refuses them if they are other ones."""
-    from breakhis_tl.calibration import FINGERPRINT_KEY
-    from breakhis_tl.heads import load_head, save_head
+    from breakhis_tl.heads.modules import load_head, save_head
+    from breakhis_tl.models.calibration import FINGERPRINT_KEY
     from breakhis_tl.predict import Classifier
 
     cfg = _cfg(breakhis_sample, tmp_path, archs=["mobilenet_v2"], weights="none", run="r")
@@ -479,7 +479,7 @@ def test_changing_magnification_or_seed_extracts_nothing_new(breakhis_real, tmp_
 
 
 def test_predict_refuses_a_backbone_whose_weights_changed(sample_run, monkeypatch):
-    from breakhis_tl import backbones
+    from breakhis_tl.models import backbones
     from breakhis_tl.predict import Classifier
 
     _, res = sample_run
@@ -532,16 +532,16 @@ def test_eva_protocol_and_recipe_end_to_end_on_real_images(breakhis_real, tmp_pa
 def test_eva_recipe_says_which_given_head_options_it_ignores(caplog):
     """--recipe eva replaces the head options; a user's --lr or --epochs is named, not lost
     in silence, and options left at their defaults raise no warning."""
-    from breakhis_tl.recipes import apply_recipe
+    from breakhis_tl.heads.recipes import apply_recipe
 
     given = RunConfig(archs=["efficientnet_lite0"], recipe="eva",
                       train=TrainConfig(epochs=3, lr=0.01))  # fmt: skip
-    with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
+    with caplog.at_level("WARNING", logger="breakhis_tl.heads.recipes"):
         cfg = apply_recipe(given)
     assert cfg.train.lr == 3e-4 and cfg.train.epochs == 12_500 and cfg.repeats == 5
     assert "ignoring lr=0.01, epochs=3 as given" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
+    with caplog.at_level("WARNING", logger="breakhis_tl.heads.recipes"):
         apply_recipe(RunConfig(archs=["efficientnet_lite0"], recipe="eva"))
     assert "ignoring" not in caplog.text
 
@@ -549,14 +549,14 @@ def test_eva_recipe_says_which_given_head_options_it_ignores(caplog):
 def test_logreg_says_which_epoch_options_it_ignores(caplog):
     """logreg has no epochs: a given --epochs or --lr is named as unused, and the same
     options on an epoch head (or left at their defaults) raise no warning."""
-    from breakhis_tl.recipes import apply_recipe
+    from breakhis_tl.heads.recipes import apply_recipe
 
-    with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
+    with caplog.at_level("WARNING", logger="breakhis_tl.heads.recipes"):
         apply_recipe(RunConfig(archs=["efficientnet_lite0"],
                                train=TrainConfig(epochs=3, lr=0.01)))  # fmt: skip
     assert "ignores epochs=3, lr=0.01; --head linear or mlp trains by epochs" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="breakhis_tl.recipes"):
+    with caplog.at_level("WARNING", logger="breakhis_tl.heads.recipes"):
         apply_recipe(RunConfig(archs=["efficientnet_lite0"]))
         apply_recipe(RunConfig(archs=["efficientnet_lite0"],
                                train=TrainConfig(head="linear", epochs=3)))  # fmt: skip
@@ -598,9 +598,9 @@ def test_a_cold_run_hashes_pixels_in_the_extractions_decode(breakhis_sample, tmp
     """The duplicate check needs every image's pixel hash; a cold cached run takes it from
     the extraction's decode (no second pass over the images), and it is the hash a separate
     decode gives. End to end has no extraction pass, so it decodes for the check."""
-    from breakhis_tl import identity
-    from breakhis_tl.identity import ImageStore, pixel_hash
-    from breakhis_tl.images import load_rgb
+    from breakhis_tl.data import identity
+    from breakhis_tl.data.identity import ImageStore, pixel_hash
+    from breakhis_tl.data.images import load_rgb
 
     decoded = []
     real = identity._decode_hashes
@@ -642,8 +642,8 @@ def test_extraction_hashes_only_when_asked_and_keeps_each_blocks_hashes(breakhis
     """extract() hashes pixels only for train's leakage check (benchmarks time the features
     alone), and saves them block by block: a run stopped in its second block keeps the first
     block's hashes, as it keeps that block's features."""
-    from breakhis_tl import features
-    from breakhis_tl.identity import ImageStore
+    from breakhis_tl.data.identity import ImageStore
+    from breakhis_tl.features import extract as features
 
     paths = [str(p) for p in sorted(breakhis_sample.rglob("*.png"))]
     bb = build_backbone("efficientnet_lite0", "default")

@@ -20,15 +20,15 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from breakhis_tl import logreg
-from breakhis_tl.training import LOGREG_C, TrainConfig, fit_logreg, fit_logreg_cv
+from breakhis_tl.heads import logreg
+from breakhis_tl.heads.training import LOGREG_C, TrainConfig, fit_logreg, fit_logreg_cv
 
 PROB_TOL = 5e-3  # largest difference of a probability at the chosen C (measured <= 1.8e-3)
 
 
 def _lite0_features(index) -> dict:
-    from breakhis_tl.backbones import build_backbone
-    from breakhis_tl.features import Request, extract
+    from breakhis_tl.features.extract import Request, extract
+    from breakhis_tl.models.backbones import build_backbone
 
     bb = build_backbone("efficientnet_lite0", "default")
     paths = index["path"].tolist()
@@ -41,7 +41,7 @@ def _lite0_features(index) -> dict:
 @pytest.fixture(scope="module")
 def breakhis_feats():
     """lite0 (ImageNet weights) features of the 148 real BreakHis images, in fp16 as cached."""
-    from breakhis_tl.index import index_breakhis
+    from breakhis_tl.data.index import index_breakhis
 
     root = _shared("breakhis_real")
     out = _lite0_features(index_breakhis(root))
@@ -52,7 +52,7 @@ def breakhis_feats():
 @pytest.fixture(scope="module")
 def idc_feats():
     """The same for the real IDC patches of 25 of the 167 patients."""
-    from breakhis_tl.index import index_idc
+    from breakhis_tl.data.index import index_idc
 
     index = index_idc(_shared("idc_real"))
     keep = sorted(index["patient"].unique())[:25]
@@ -142,7 +142,7 @@ def test_fallback_probe_fits_each_c_as_sklearn(breakhis_feats):
 def test_binary_head_rows_are_opposite_halves():
     """Two classes: rows -w/2 and +w/2 (so Grad-CAM has a row to follow for each class), with
     the probabilities of the former form (a row of zeros for class 0, w for class 1)."""
-    from breakhis_tl.training import linear_from_logreg
+    from breakhis_tl.heads.training import linear_from_logreg
 
     rng = np.random.default_rng(0)
     coef, b = rng.normal(size=(1, 16)), rng.normal(size=1)

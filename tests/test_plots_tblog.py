@@ -14,10 +14,13 @@ import torch  # noqa: E402
 from conftest import drawn
 from matplotlib.collections import PolyCollection  # noqa: E402
 
-from breakhis_tl import plots, tblog  # noqa: E402
-from breakhis_tl.heads import make_head  # noqa: E402
+from breakhis_tl.heads.modules import make_head  # noqa: E402
+from breakhis_tl.heads.training import Hooks, TrainConfig, feature_batches, fit  # noqa: E402
 from breakhis_tl.metrics import METRICS, compute_metrics  # noqa: E402
-from breakhis_tl.training import Hooks, TrainConfig, feature_batches, fit  # noqa: E402
+from breakhis_tl.report import (
+    plots,
+    tblog,  # noqa: E402
+)
 
 CLASSES = ["benign", "malignant"]
 
@@ -85,7 +88,7 @@ def test_roc_names_the_positive_class():
 
 
 def test_sample_grid_writes_magnifications_with_x(breakhis_sample):
-    from breakhis_tl.index import index_breakhis
+    from breakhis_tl.data.index import index_breakhis
 
     fig = plots.sample_grid(index_breakhis(breakhis_sample))
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]

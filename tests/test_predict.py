@@ -6,9 +6,9 @@ from PIL import Image
 
 from breakhis_tl.cam import target_layer
 from breakhis_tl.cli import main
+from breakhis_tl.data.index import index_breakhis, index_idc
 from breakhis_tl.errors import UserError
-from breakhis_tl.heads import load_head, make_head, read_head_file, save_head
-from breakhis_tl.index import index_breakhis, index_idc
+from breakhis_tl.heads.modules import load_head, make_head, read_head_file, save_head
 from breakhis_tl.predict import Classifier, patient_of
 
 

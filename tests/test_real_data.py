@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from conftest import _shared
 
-from breakhis_tl.index import index_breakhis, index_idc
-from breakhis_tl.splits import make_split
+from breakhis_tl.data.index import index_breakhis, index_idc
+from breakhis_tl.data.splits import make_split
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_default_head_is_as_good_as_a_tuned_sklearn_probe(breakhis_real, tmp_pat
 
     ids = json.loads(chunk.with_suffix(".json").read_text())["ids"]
     feats = load_file(str(chunk))["features"].float().numpy()
-    from breakhis_tl.identity import ImageStore
+    from breakhis_tl.data.identity import ImageStore
 
     index = index_breakhis(breakhis_real)
     store = ImageStore(tmp_path / "data/cache/images.sqlite")

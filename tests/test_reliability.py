@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from breakhis_tl.errors import UserError
-from breakhis_tl.features import FeatureCache
-from breakhis_tl.heads import load_head
+from breakhis_tl.features.extract import FeatureCache
+from breakhis_tl.heads.modules import load_head
+from breakhis_tl.heads.training import TrainConfig
 from breakhis_tl.runner import RunConfig, run_training
-from breakhis_tl.training import TrainConfig
 
 
 def _cmd(*args):
@@ -95,8 +95,8 @@ def test_strict_stops_even_when_the_cache_is_warm(sample_with_bad_image, tmp_pat
 def test_small_images_upscaled_with_one_warning(idc_sample, caplog):
     import numpy as np
 
-    from breakhis_tl.backbones import build_backbone
-    from breakhis_tl.features import Request, extract
+    from breakhis_tl.features.extract import Request, extract
+    from breakhis_tl.models.backbones import build_backbone
 
     paths = sorted(str(p) for p in idc_sample.rglob("*.png"))[:5]
     bb = build_backbone("efficientnet_lite0")

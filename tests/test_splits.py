@@ -4,15 +4,15 @@ import pandas as pd
 import pytest
 
 from breakhis_tl.cli import main
-from breakhis_tl.errors import UserError
-from breakhis_tl.folds import SplitOptions, plan_folds, write_split
-from breakhis_tl.index import index_breakhis, index_idc
-from breakhis_tl.splits import (
+from breakhis_tl.data.folds import SplitOptions, plan_folds, write_split
+from breakhis_tl.data.index import index_breakhis, index_idc
+from breakhis_tl.data.splits import (
     EVA_VAL_PATIENTS,
     check_no_leakage,
     make_split,
     read_folds_csv,
 )
+from breakhis_tl.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,10 @@ import torchstain
 from PIL import Image
 from torchstain.torch.utils import get_mean_std, lab_split, rgb2lab
 
-from breakhis_tl import stain
-from breakhis_tl.errors import UserError
-from breakhis_tl.identity import sha256_file
-from breakhis_tl.images import load_rgb
-from breakhis_tl.stain import (
+from breakhis_tl.data import stain
+from breakhis_tl.data.identity import sha256_file
+from breakhis_tl.data.images import load_rgb
+from breakhis_tl.data.stain import (
     HED_STRONG,
     StainError,
     StainNormaliser,
@@ -30,6 +29,7 @@ from breakhis_tl.stain import (
     stain_view,
     stain_views,
 )
+from breakhis_tl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]  # not tests.conftest: a site-packages "tests" shadows it
 

@@ -16,15 +16,15 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from breakhis_tl.backbones import build_backbone
+from breakhis_tl.data.stain import StainNormaliser, StainSetup
 from breakhis_tl.errors import UserError
-from breakhis_tl.fastpath import FastPath
-from breakhis_tl.feature_cache import FeatureCache
-from breakhis_tl.features import Request, extract
+from breakhis_tl.features.cache import FeatureCache
+from breakhis_tl.features.extract import Request, extract
+from breakhis_tl.heads.training import Feed, TrainConfig, end_to_end_features
+from breakhis_tl.models.backbones import build_backbone
+from breakhis_tl.models.compute import FastPath
 from breakhis_tl.predict import Classifier
 from breakhis_tl.runner import RunConfig, run_training
-from breakhis_tl.stain import StainNormaliser, StainSetup
-from breakhis_tl.training import Feed, TrainConfig, end_to_end_features
 
 FP32 = FastPath()  # plain fp32: features comparable bit for bit across runs
 BLANK = (
@@ -57,7 +57,17 @@ def _extract(paths, bb, cache_dir, stain=None, views=(0,), strict=False, workers
     rows = np.arange(len(paths))
     reqs = [Request(bb, 0, rows, FP32, sv) for sv in views]
     cache = FeatureCache(cache_dir) if cache_dir else None
-    return extract(paths, reqs, cache, "cpu", 8, workers, strict, progress=False, stain=stain)
+    return extract(
+        paths,
+        reqs,
+        cache,
+        "cpu",
+        batch_size=8,
+        workers=workers,
+        strict=strict,
+        progress=False,
+        stain=stain,
+    )
 
 
 def test_stain_setting_changes_the_cache_key_and_nothing_else_does(paths, lite0, tmp_path):
@@ -124,7 +134,7 @@ def test_end_to_end_loaders_keep_their_workers_across_epochs(paths, lite0):
     (starting them each epoch cost it about a quarter of an epoch on 2 cores), the features
     stay the same, and an epoch's order and augmentation depend on the seed and epoch alone,
     not on the epochs before it or the number of workers."""
-    from breakhis_tl.training import end_to_end_batches
+    from breakhis_tl.heads.training import end_to_end_batches
 
     keep = {}
     first, ok1, _ = end_to_end_features(lite0, paths[:6], Feed(4, "cpu", FP32, 1), keep=keep)

@@ -9,12 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from breakhis_tl import calibration, identity
 from breakhis_tl.cli import main
+from breakhis_tl.data import identity
+from breakhis_tl.data.folds import SplitOptions, plan_folds
+from breakhis_tl.data.identity import ImageStore
+from breakhis_tl.data.index import build_index
 from breakhis_tl.evaluate import split_inputs
-from breakhis_tl.folds import SplitOptions, plan_folds
-from breakhis_tl.identity import ImageStore
-from breakhis_tl.index import build_index
+from breakhis_tl.models import calibration
 from breakhis_tl.predict import Classifier
 from breakhis_tl.runner import RunConfig, run_extraction, run_training
 

@@ -11,9 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from breakhis_tl.cli import main
 from breakhis_tl.errors import UserError
-from breakhis_tl.heads import load_head
+from breakhis_tl.heads.modules import load_head
+from breakhis_tl.heads.training import TrainConfig
 from breakhis_tl.runner import RunConfig, run_training
-from breakhis_tl.training import TrainConfig
 
 
 def test_run_writes_heads_results_logs_and_graphs(sample_run):
@@ -72,7 +72,7 @@ def test_second_run_extracts_nothing_and_matches(sample_run, caplog):
 def test_comparison_figures_need_two_heads(sample_run):
     """Two repeats from the sample's cache: one comparison figure per metric over both heads
     (folds and architectures count as heads alike: `done` holds one entry per head)."""
-    from breakhis_tl.plots import CURVE_METRICS
+    from breakhis_tl.report.plots import CURVE_METRICS
 
     cfg, _ = sample_run
     res = run_training(dataclasses.replace(cfg, run="two_heads", repeats=2), command="pytest")
@@ -230,7 +230,7 @@ def test_unwritable_output(tmp_path, breakhis_sample, capsys):
 
 
 def test_class_missing_from_training(tmp_path, breakhis_sample, capsys):
-    from breakhis_tl.index import index_breakhis
+    from breakhis_tl.data.index import index_breakhis
 
     index = index_breakhis(breakhis_sample)
     split = pd.DataFrame(

@@ -17,8 +17,8 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
+from breakhis_tl.data.identity import file_hasher
 from breakhis_tl.errors import UserError
-from breakhis_tl.identity import file_hasher
 
 log = logging.getLogger(__name__)
 

@@ -79,7 +79,7 @@ EPOCH_OPTIONS = (
 def _warn_unused_by_logreg(train) -> None:
     """logreg trains to convergence: epoch options set by hand would otherwise be recorded
     in the run as if they had shaped the head."""
-    from breakhis_tl.training import TrainConfig
+    from breakhis_tl.heads.training import TrainConfig
 
     default = TrainConfig()
     changed = [k for k in EPOCH_OPTIONS if getattr(train, k) != getattr(default, k)]
@@ -94,7 +94,7 @@ def _warn_unused_by_logreg(train) -> None:
 def _warn_overridden(train) -> None:
     """Head options set away from their defaults are replaced by the recipe: say so, since a
     silently ignored --lr or --epochs would make the run's record misleading to its author."""
-    from breakhis_tl.training import TrainConfig
+    from breakhis_tl.heads.training import TrainConfig
 
     default = TrainConfig()
     changed = [k for k, v in EVA_TRAIN.items()

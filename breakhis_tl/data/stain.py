@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from breakhis_tl.data.identity import sha256_file
 from breakhis_tl.errors import UserError
-from breakhis_tl.identity import sha256_file
 
 if TYPE_CHECKING:  # torch is imported only when a normaliser is built
     import torch
 
 log = logging.getLogger(__name__)
 
-FORMAT = "breakhis_tl.stain/1"
+FORMAT = "breakhis_tl.data.stain/1"
 METHODS = ("none", "macenko", "reinhard")
 LIBRARY_DEFAULT = "library-default"
 # The fitted target of each method (torchstain's attribute names): all a normaliser needs.
@@ -120,7 +120,7 @@ def _fit(method: str, ref: str | Path | None):
         norm = torchstain.normalizers.ReinhardNormalizer(backend="torch")
     if ref is None:
         return norm
-    from breakhis_tl.images import ImageError, load_rgb
+    from breakhis_tl.data.images import ImageError, load_rgb
 
     try:
         rgb = np.asarray(load_rgb(ref))

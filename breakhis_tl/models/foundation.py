@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from breakhis_tl.data.identity import sha256_file
+from breakhis_tl.data.transforms import Preprocessing
 from breakhis_tl.errors import UserError
-from breakhis_tl.identity import sha256_file
-from breakhis_tl.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 

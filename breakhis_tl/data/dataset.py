@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from breakhis_tl.images import ImageError, load_rgb, usable_cores
+from breakhis_tl.data.images import ImageError, load_rgb, usable_cores
 
 
 class ImageDataset(Dataset):
@@ -53,7 +53,7 @@ class StainedImages(ImageDataset):
             return None, self.labels[i], i, str(exc), (0, 0), None
         pixel = None
         if self.hash_pixels and self.hash_pixels[i]:  # the duplicate check's hash, same decode
-            from breakhis_tl.identity import image_pixels
+            from breakhis_tl.data.identity import image_pixels
 
             pixel = image_pixels(im)
         views, note = self.stain.prepare(im, self.paths[i], self.keys[i], self.n_views[i])

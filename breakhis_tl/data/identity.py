@@ -176,7 +176,7 @@ class _HashDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[str | None, str]:
-        from breakhis_tl.images import ImageError, load_rgb
+        from breakhis_tl.data.images import ImageError, load_rgb
 
         try:
             im = load_rgb(self.paths[i])
@@ -190,7 +190,7 @@ def _decode_hashes(
 ) -> list[tuple[str | None, str]]:
     from torch.utils.data import DataLoader
 
-    from breakhis_tl.images import usable_cores
+    from breakhis_tl.data.images import usable_cores
 
     # nothing else runs during this pass, so every core decodes (the loaders' default keeps
     # one for the model)

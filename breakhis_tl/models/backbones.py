@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from breakhis_tl.data.transforms import Preprocessing
 from breakhis_tl.errors import UserError
-from breakhis_tl.transforms import Preprocessing
 
 IMAGENET = Preprocessing()
 DEFAULT_ARCHS = [
@@ -153,7 +153,7 @@ def _torchvision_weights(name: str):
     """The default ImageNet weights, or one sentence on where to put the file when offline."""
     from torchvision import models
 
-    from breakhis_tl.foundation import OFFLINE_ENV
+    from breakhis_tl.models.foundation import OFFLINE_ENV
 
     path = imagenet_file(name)
     if not path.is_file() and os.environ.get(OFFLINE_ENV):
@@ -190,7 +190,7 @@ def missing_imagenet(archs) -> list[str]:
 
 
 def check_arch(name: str) -> None:
-    from breakhis_tl.foundation import PRESETS
+    from breakhis_tl.models.foundation import PRESETS
 
     if name.startswith("timm:") or name in PRESETS:
         return
@@ -212,7 +212,7 @@ def parse_archs(value: str) -> list[str]:
 
 
 def file_digest(path: str | Path) -> str:
-    from breakhis_tl.identity import sha256_file
+    from breakhis_tl.data.identity import sha256_file
 
     return sha256_file(path)[:16]
 
@@ -253,7 +253,7 @@ def initialiser_versions(name: str) -> str:
     torch version, what a random-init feature space and head depend on besides the seed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from breakhis_tl import foundation
+    from breakhis_tl.models import foundation
 
     lib = "torchvision"
     if name.startswith("timm:") or foundation.is_foundation(name):
@@ -357,7 +357,7 @@ def _load_state_dict(path: Path) -> dict:
 def build_backbone(name: str, weights: str = "default", seed: int = 0) -> Backbone:
     """`weights`: `default` (ImageNet), `none` (random init from `seed`) or a file path."""
     check_arch(name)
-    from breakhis_tl import foundation
+    from breakhis_tl.models import foundation
 
     if name.startswith("timm:") or foundation.is_foundation(name):
         build = foundation.build_timm if name.startswith("timm:") else foundation.build
@@ -395,7 +395,7 @@ def with_input_size(bb: Backbone, size: int) -> Backbone:
     (a ViT's position embeddings) is refused in one sentence, found by trying one image."""
     if size == bb.prep.input_size:
         return bb
-    from breakhis_tl.foundation import is_foundation
+    from breakhis_tl.models.foundation import is_foundation
 
     if bb.name.startswith("timm:") or is_foundation(bb.name):
         raise UserError(

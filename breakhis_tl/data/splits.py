@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+from breakhis_tl.data.index import BREAKHIS_CLASSES, IDC_CLASSES, SUBTYPES, accession_of
+from breakhis_tl.data.leakage import check_no_leakage
 from breakhis_tl.errors import UserError
-from breakhis_tl.index import BREAKHIS_CLASSES, IDC_CLASSES, SUBTYPES, accession_of
-from breakhis_tl.leakage import check_no_leakage
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Extract backbone features once and keep them on disk (see feature_cache.py).
+"""Extract backbone features once and keep them on disk (see cache.py).
 
 A frozen backbone maps an image to the same feature every epoch, so the expensive pass is
 done once per image and feature space (backbone, weights, preprocessing, view, compute mode)
@@ -18,20 +18,20 @@ import torch
 from tqdm.auto import tqdm
 
 from breakhis_tl import __version__
-from breakhis_tl.backbones import Backbone, initialiser_versions
-from breakhis_tl.dataset import StainedImages, collate_hashed, make_loader
+from breakhis_tl.data.dataset import StainedImages, collate_hashed, make_loader
+from breakhis_tl.data.identity import ImageStore
+from breakhis_tl.data.stain import StainSetup
+from breakhis_tl.data.transforms import decode_transform, dihedral, normalize
 from breakhis_tl.errors import UserError
-from breakhis_tl.fastpath import (  # noqa: F401 (re-exported: the extraction API)
+from breakhis_tl.features.cache import FeatureCache, Lookup, space_key
+from breakhis_tl.models.backbones import Backbone, initialiser_versions
+from breakhis_tl.models.compute import (  # noqa: F401 (re-exported: the extraction API)
     FastPath,
     cpu_supports_bf16,
     fast_path,
     prepare,
     run_backbone,
 )
-from breakhis_tl.feature_cache import FeatureCache, Lookup, space_key
-from breakhis_tl.identity import ImageStore
-from breakhis_tl.stain import StainSetup
-from breakhis_tl.transforms import decode_transform, dihedral, normalize
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +110,28 @@ class _Slot:
     todo: np.ndarray  # positions in req.rows still to extract
 
 
+@dataclass
+class ExtractOptions:
+    """How extraction runs; none of it changes a feature but `optimised` (the compute mode
+    when a request names none) and `stain`."""
+
+    batch_size: int = 32
+    workers: int | None = None
+    strict: bool = False
+    optimised: bool = True
+    progress: bool = True
+    shard: tuple[int, int] | None = None
+    stain: StainSetup | None = None
+    hash_pixels: bool = False
+
+
 def extract(
     paths: list[str],
     requests: list[Request],
     cache: FeatureCache | None = None,
     device: torch.device | str = "cpu",
-    batch_size: int = 32,
-    workers: int | None = None,
-    strict: bool = False,
-    optimised: bool = True,
-    progress: bool = True,
     store: ImageStore | None = None,
-    shard: tuple[int, int] | None = None,
-    stain: StainSetup | None = None,
-    hash_pixels: bool = False,
+    **options,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], ExtractionReport]:
     """Features for every request, in request order: (fp16 features [rows, D], ok [rows]).
 
@@ -134,14 +142,17 @@ def extract(
     (an image whose normalisation fails is used unnormalised and listed in the report).
     `hash_pixels`: each decoded image the store has no pixel hash for gets one from that
     decode, remembered in the store (the leakage check then decodes nothing again).
+    `options` are ExtractOptions fields.
     """
+    o = ExtractOptions(**options)
+    o.stain = o.stain or StainSetup()
     device = torch.device(device)
     report = ExtractionReport()
     store = store or ImageStore(cache.root.parent / "images.sqlite" if cache else None)
     ids = store.content_ids(paths)
-    default, stain = fast_path(device, optimised), stain or StainSetup()
+    default, shard = fast_path(device, o.optimised), o.shard
     slots = [
-        _lookup(req, ids, paths, cache, req.path or default, strict, report, stain)
+        _lookup(req, ids, paths, cache, req.path or default, o.strict, report, o.stain)
         for req in requests
     ]
     if shard is not None:
@@ -156,12 +167,11 @@ def extract(
             report.extracted.append(name)
         else:
             report.cached.append(name)
-    if hash_pixels:
+    if o.hash_pixels:
         known = store.known_pixels(ids)
         report.to_hash = {r for r, i in enumerate(ids) if i and i not in known}
     for group in groups.values():
-        _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
-                       report, stain, store)  # fmt: skip
+        _extract_group(paths, ids, group, (cache, store, device), report, o)
     _warn(report)
     return [(s.feats, s.ok) for s in slots], report
 
@@ -223,8 +233,9 @@ def _note(report: ExtractionReport, row: int, msg: str, strict: bool) -> None:
         raise UserError(f"{msg} (--strict stops instead of using the image unnormalised).")
 
 
-def _extract_group(paths, ids, group, cache, device, batch_size, workers, strict, progress,
-                   report, stain, store) -> None:  # fmt: skip
+def _extract_group(paths, ids, group, where: tuple, report, o: ExtractOptions) -> None:
+    """One decode size's requests, block by block; `where` is (cache, store, device)."""
+    cache, store, device = where
     prep = group[0].req.backbone.prep
     needed = sorted(set().union(*({int(s.req.rows[p]) for p in s.todo} for s in group)))
     for s in group:
@@ -236,12 +247,11 @@ def _extract_group(paths, ids, group, cache, device, batch_size, workers, strict
         device,
     )
     bar = tqdm(total=len(needed), desc=f"features {prep.input_size}px", unit="img",
-               disable=not progress)  # fmt: skip
+               disable=not o.progress)  # fmt: skip
     for start in range(0, len(needed), CHUNK_IMAGES):
         block = needed[start : start + CHUNK_IMAGES]
         fresh = [r for r in block if r in report.to_hash]
-        done = _run_block(paths, ids, block, group, device, batch_size, workers, strict, report,
-                          stain)  # fmt: skip
+        done = _run_block(paths, ids, block, group, device, report, o)
         bar.update(len(block))
         if cache is not None:
             _save_block(cache, ids, paths, block, done, group, report)
@@ -263,11 +273,10 @@ def _stained_dataset(paths, ids, block, group, stain, to_hash: set[int]) -> Stai
                          hash_pixels=[i in to_hash for i in block])  # fmt: skip
 
 
-def _run_block(paths, ids, block, group, device, batch_size, workers, strict, report,
-               stain) -> dict:  # fmt: skip
+def _run_block(paths, ids, block, group, device, report, o: ExtractOptions) -> dict:
     """Decode (and stain) each image of `block` once; every view of every backbone from it."""
-    prep = group[0].req.backbone.prep
-    ds = _stained_dataset(paths, ids, block, group, stain, report.to_hash)
+    prep, strict = group[0].req.backbone.prep, o.strict
+    ds = _stained_dataset(paths, ids, block, group, o.stain, report.to_hash)
     pos_of = []
     for s in group:
         pos = np.full(len(paths), -1, dtype=np.int64)
@@ -275,7 +284,7 @@ def _run_block(paths, ids, block, group, device, batch_size, workers, strict, re
         pos_of.append(torch.from_numpy(pos))
     failed: dict[int, str] = {}
     loader = make_loader(
-        ds, batch_size=batch_size, workers=workers, collate_fn=collate_hashed, device=device
+        ds, batch_size=o.batch_size, workers=o.workers, collate_fn=collate_hashed, device=device
     )
     for x, rows, _, bad, sizes, notes, hashed in loader:
         for i, pixel in hashed:

@@ -1,4 +1,4 @@
-"""The compute mode of frozen backbones (fastpath.py): folding, the dtype rule, the refusal
+"""The compute mode of frozen backbones (models/compute.py): folding, the dtype rule, the refusal
 of low precision that does not match fp32, and the measured layout.
 
 Nothing here asserts how close bf16 comes to fp32 on this CPU (a fact of the hardware): the
@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from breakhis_tl import fastpath as F
-from breakhis_tl.backbones import build_backbone
-from breakhis_tl.fastpath import PLAIN, FastPath
+from breakhis_tl.models import compute as F
+from breakhis_tl.models.backbones import build_backbone
+from breakhis_tl.models.compute import PLAIN, FastPath
 
 CPU = torch.device("cpu")
 LOW = torch.bfloat16
@@ -246,7 +246,7 @@ def test_without_bf16_kernels_auto_runs_fp32_and_measures_no_bf16(monkeypatch, t
 
 
 def test_the_feature_space_depends_on_the_dtype_not_the_layout():
-    from breakhis_tl.features import feature_space
+    from breakhis_tl.features.extract import feature_space
 
     bb = build_backbone("mobilenet_v2", "none", 0)
     fp32 = {feature_space(bb, 0, p) for p in F.candidates(CPU, None)}

@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "breakhis_tl.features/2"
+CACHE_FORMAT = "breakhis_tl.features.extract/2"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from breakhis_tl.backbones import Backbone, freeze
+from breakhis_tl.models.backbones import Backbone, freeze
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def _asked_dtype(device: torch.device, precision: str, name: str) -> torch.dtype
 
 def synthetic_batch(bb: Backbone, n: int = 8, seed: int = 0) -> torch.Tensor:
     """A normalised batch of smooth random colour fields, for when no image is at hand."""
-    from breakhis_tl.transforms import normalize
+    from breakhis_tl.data.transforms import normalize
 
     g = torch.Generator().manual_seed(seed)
     s = bb.prep.input_size

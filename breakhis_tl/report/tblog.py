@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from breakhis_tl.metrics import METRICS
-from breakhis_tl.plots import CV_KEY, confusion_figure
+from breakhis_tl.report.plots import CV_KEY, confusion_figure
 
 SIDES = ("train", "val")
 CURVES = ("loss", *METRICS)

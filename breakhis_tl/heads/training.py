@@ -18,8 +18,8 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from breakhis_tl import logreg
-from breakhis_tl.dataset import epoch_seed
+from breakhis_tl.data.dataset import epoch_seed
+from breakhis_tl.heads import logreg
 from breakhis_tl.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -253,15 +253,15 @@ def end_to_end_batches(
     """Every epoch, every training image through the frozen backbone with online augmentation:
     what most tutorials do, and the baseline the feature cache is measured against. `stain`
     (a StainSetup) normalises each image and, with stain views, jitters it afresh each epoch."""
-    from breakhis_tl.dataset import (
+    from breakhis_tl.data.dataset import (
         EpochSeeded,
         EpochShuffle,
         ImageDataset,
         OnlineStain,
         make_loader,
     )
-    from breakhis_tl.features import run_backbone
-    from breakhis_tl.transforms import train_preset
+    from breakhis_tl.data.transforms import train_preset
+    from breakhis_tl.features.extract import run_backbone
 
     transform, stain, device = train_preset(backbone.prep), feed.stain, feed.device
     if stain is not None and (stain.method != "none" or stain.views):
@@ -288,10 +288,10 @@ def end_to_end_features(
     """Eval-preset features of `paths` computed now (no cache): (features, ok mask, and the
     images whose stain normalisation failed, by position, with why). `keep`: a dict that
     holds these paths' loader, workers alive, for the next call (every epoch's validation)."""
-    from breakhis_tl.dataset import StainedImages, collate_noted, make_loader
-    from breakhis_tl.features import run_backbone
-    from breakhis_tl.stain import StainSetup
-    from breakhis_tl.transforms import decode_transform, normalize
+    from breakhis_tl.data.dataset import StainedImages, collate_noted, make_loader
+    from breakhis_tl.data.stain import StainSetup
+    from breakhis_tl.data.transforms import decode_transform, normalize
+    from breakhis_tl.features.extract import run_backbone
 
     key = tuple(paths)
     loader = keep.get(key) if keep is not None else None

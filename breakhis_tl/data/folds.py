@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from breakhis_tl.data.leakage import check_no_leakage
+from breakhis_tl.data.splits import PROTOCOLS, RANDOM_WARNING, apply_group_by, make_split
 from breakhis_tl.errors import UserError
-from breakhis_tl.leakage import check_no_leakage
-from breakhis_tl.splits import PROTOCOLS, RANDOM_WARNING, apply_group_by, make_split
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _said_once(message: str):
         seen.append(record)
         return len(seen) == 1
 
-    logger = logging.getLogger("breakhis_tl.splits")
+    logger = logging.getLogger("breakhis_tl.data.splits")
     logger.addFilter(once)
     try:
         yield

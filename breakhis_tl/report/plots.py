@@ -258,8 +258,8 @@ def plot_confusion(matrix, classes: list[str], title: str, path: Path) -> Path:
 
 def sample_grid(index, magnifications=(40, 100, 200, 400), size: int = 160):
     """One image per subtype (rows) at each magnification (columns); blank where none."""
-    from breakhis_tl.images import ImageError, load_rgb
-    from breakhis_tl.index import SUBTYPES
+    from breakhis_tl.data.images import ImageError, load_rgb
+    from breakhis_tl.data.index import SUBTYPES
 
     subtypes = [s for s in SUBTYPES if s in set(index["subtype"])]
     fig, axes = plt.subplots(
@@ -362,9 +362,9 @@ def stain_figure(paths, ref=None, seed: int = 0, size: int = 224):
     the backbone's own crop). A failed normalisation shows the image unchanged, titled so.
     `ref`: the reference image of both normalisations (None: Macenko's library reference,
     and Reinhard fitted on the first image)."""
-    from breakhis_tl.images import load_rgb
-    from breakhis_tl.stain import StainNormaliser, stain_view
-    from breakhis_tl.transforms import Preprocessing, decode_transform
+    from breakhis_tl.data.images import load_rgb
+    from breakhis_tl.data.stain import StainNormaliser, stain_view
+    from breakhis_tl.data.transforms import Preprocessing, decode_transform
 
     decode = decode_transform(Preprocessing(input_size=size, resize_size=size))
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from breakhis_tl.backbones import BN_RUNNING, Backbone, random_weights_fingerprint
-from breakhis_tl.dataset import ImageDataset, make_loader
-from breakhis_tl.stain import StainSetup
-from breakhis_tl.transforms import eval_preset
+from breakhis_tl.data.dataset import ImageDataset, make_loader
+from breakhis_tl.data.stain import StainSetup
+from breakhis_tl.data.transforms import eval_preset
+from breakhis_tl.models.backbones import BN_RUNNING, Backbone, random_weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def calibration_id(
     preprocessing, stain normalisation), not their bits: train-mode batch norm sums in an
     order that depends on the thread count and the CPU, and the id names the cached
     features, so a 1-thread torchrun `extract` and an N-thread `train` must agree."""
-    from breakhis_tl.identity import content_id
+    from breakhis_tl.data.identity import content_id
 
     recipe = f"v{CALIBRATION_VERSION}|{seed}|{batch_size}|{sorted(bb.prep.to_dict().items())}"
     h = hashlib.sha256(recipe.encode())
@@ -122,7 +122,7 @@ def calibrate(
     take = sorted(rng.choice(len(paths), min(CALIBRATION_IMAGES, len(paths)), replace=False))
     ds = ImageDataset([paths[i] for i in take], eval_preset(bb.prep))
     if stain is not None and stain.method != "none":
-        from breakhis_tl.dataset import OnlineStain
+        from breakhis_tl.data.dataset import OnlineStain
 
         ds.transform = OnlineStain(StainSetup(stain.normaliser), ds.transform)  # no jitter
     for m in layers:
