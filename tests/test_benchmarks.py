@@ -161,6 +161,7 @@ def test_gpu_suite_dry_run_prints_json_for_every_section(tmp_path):
     sections = {r["section"]: r for r in records}
     assert set(sections) == {"a", "b", "c", "d", "summary"}
     assert [r["stage"] for r in records if r["section"] == "d"] == FULL_SCALE_STAGES
+    _check_full_scale_small([r for r in records if r["section"] == "d"])
     assert {"fp32_images_per_s", "autocast_images_per_s", "autocast_cosine_min"} <= set(
         sections["a"]
     )
@@ -168,6 +169,26 @@ def test_gpu_suite_dry_run_prints_json_for_every_section(tmp_path):
     projected = {r["dataset"] for r in records if r.get("benchmark") == "scale_projection"}
     assert projected == {"breakhis", "idc"}
     assert sections["summary"]["gpu_img_per_s"].startswith("mobilenet_v2=")
+
+
+def _check_full_scale_small(records: list[dict]) -> None:
+    """`full_scale.py --small` on the CPU (gpu_suite.sh's section d in a dry run): one row
+    per stage with its keys; the cold runs extract, the warm run reads the cache."""
+    assert [r["stage"] for r in records] == FULL_SCALE_STAGES
+    assert not [r for r in records if "error" in r]
+    keys = {"benchmark", "stage", "dataset", "images", "seconds", "images_per_s",
+            "peak_rss_mib", "cpu", "device", "small"}  # fmt: skip
+    assert all(keys <= set(r) and r["small"] and r["peak_rss_mib"] > 0 for r in records)
+    assert not [r for r in records if "gpu_util_mean" in r or "gpu_peak_mib" in r]
+    by = {r["stage"]: r for r in records}
+    assert by["index_breakhis"]["images"] == 200 and by["index_idc"]["images"] == 1500
+    for stage in ("train_breakhis_cold", "train_breakhis_warm", "train_idc_cold"):
+        assert {"features", "heads"} <= set(by[stage]["stages"]), stage
+        assert by[stage]["command"].startswith("python -m breakhis_tl train")
+    assert by["train_breakhis_cold"]["extracted"] == 400  # 2 backbones x 200 images
+    assert by["train_breakhis_warm"]["extracted"] == 0
+    assert by["extract_breakhis"]["extracted"] == 200
+    assert by["train_idc_cold"]["extracted"] == 1500
 
 
 def test_gpu_suite_refuses_an_unknown_argument():
@@ -488,27 +509,3 @@ def test_full_scale_reads_stage_times_budget_shares_and_gpu_samples(tmp_path, mo
 FULL_SCALE_STAGES = ["tree_breakhis", "tree_idc", "index_breakhis", "index_idc",
                      "train_breakhis_cold", "train_breakhis_warm", "extract_breakhis",
                      "train_idc_cold"]  # fmt: skip
-
-
-@pytest.mark.slow
-def test_full_scale_small_runs_every_stage(tmp_path):
-    """`full_scale.py --small` on the CPU: one row per stage in order with its keys; the
-    cold runs extract, the warm run reads everything from the cache."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "full_scale.py"), "--small", "--device",
-           "cpu", "--workdir", str(tmp_path)]  # fmt: skip
-    _, records = run_json(cmd)
-    assert [r["stage"] for r in records] == FULL_SCALE_STAGES
-    assert not [r for r in records if "error" in r]
-    keys = {"benchmark", "stage", "dataset", "images", "seconds", "images_per_s",
-            "peak_rss_mib", "cpu", "device", "small"}  # fmt: skip
-    assert all(keys <= set(r) and r["small"] and r["peak_rss_mib"] > 0 for r in records)
-    assert not [r for r in records if "gpu_util_mean" in r or "gpu_peak_mib" in r]
-    by = {r["stage"]: r for r in records}
-    assert by["index_breakhis"]["images"] == 200 and by["index_idc"]["images"] == 1500
-    for stage in ("train_breakhis_cold", "train_breakhis_warm", "train_idc_cold"):
-        assert {"features", "heads"} <= set(by[stage]["stages"]), stage
-        assert by[stage]["command"].startswith("python -m breakhis_tl train")
-    assert by["train_breakhis_cold"]["extracted"] == 400  # 2 backbones x 200 images
-    assert by["train_breakhis_warm"]["extracted"] == 0
-    assert by["extract_breakhis"]["extracted"] == 200
-    assert by["train_idc_cold"]["extracted"] == 1500
