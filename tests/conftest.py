@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BREAKHIS_TL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 os.environ.setdefault("BREAKHIS_TL_OFFLINE", "1")  # never try a weights download in tests
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: share the cores, do not fight for them
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 # One measured compute-mode decision per backbone for the whole session, not one per test.
 os.environ.setdefault(
     "BREAKHIS_TL_DISPATCH_DIR", os.path.join(tempfile.gettempdir(), "breakhis_tl_dispatch")
