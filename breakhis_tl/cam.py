@@ -16,7 +16,7 @@ from torch import nn
 
 from breakhis_tl.data.images import ImageError, as_rgb
 from breakhis_tl.data.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, SUBTYPES
-from breakhis_tl.data.transforms import decode_transform, normalize
+from breakhis_tl.data.transforms import N_VIEWS, decode_transform, normalize
 from breakhis_tl.errors import UserError
 from breakhis_tl.report.plots import mag_label, save_figure
 
@@ -67,11 +67,15 @@ def true_class(name: str) -> dict | None:
     return None
 
 
-def caption(name: str, classes: list[str], probs: np.ndarray) -> tuple[str, bool | None]:
+def caption(
+    name: str, classes: list[str], probs: np.ndarray, tta: bool = False
+) -> tuple[str, bool | None]:
     """`predicted: malignant (p = 0.93) | true: malignant, DC (ductal carcinoma), 40X` and
-    whether the prediction is right (None where the name does not tell)."""
+    whether the prediction is right (None where the name does not tell). Under `tta` the
+    probability is the mean over the 8 views, as predictions.csv gives it, and says so."""
     k = int(np.argmax(probs))
-    text = f"predicted: {classes[k]} (p = {probs[k]:.2f})"
+    mean = f", mean of {N_VIEWS} views" if tta else ""
+    text = f"predicted: {classes[k]} (p = {probs[k]:.2f}{mean})"
     truth = true_class(name)
     if truth is None:
         return text + " | true class unknown", None
@@ -106,10 +110,12 @@ def cam_figure(rgb: np.ndarray, heat: np.ndarray, title: str, correct: bool | No
     return fig
 
 
-def save_cams(clf, items: list, out_dir: Path) -> list[Path]:
+def save_cams(clf, items: list, out_dir: Path, tta: bool = False) -> list[Path]:
     """One PNG per readable image (`<name>_cam.png`): input crop, Grad-CAM overlay of the
     predicted class with a colour bar, the predicted class and probability, and the true
-    class where the file name gives it."""
+    class where the file name gives it. `tta` as given to `predict`: the title's class and
+    probability are then the mean over the 8 views that predictions.csv reports, and the
+    map (of the image as it is) explains that class."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -133,13 +139,13 @@ def save_cams(clf, items: list, out_dir: Path) -> list[Path]:
             x8 = decode(im)
             # the probabilities `predict` gives (same path and precision), and the CAM of
             # that class, so the figure never disagrees with predictions.csv
-            probs = clf._probs(x8[None].to(clf.device), False)[0].numpy()
+            probs = clf._probs(x8[None].to(clf.device), tta)[0].numpy()
             x = normalize(x8, clf.prep)[None].to(clf.device)
             target = [ClassifierOutputTarget(int(probs.argmax()))]
             with torch.enable_grad():
                 heat = cam(input_tensor=x, targets=target)[0]
             name = f"image{i}" if isinstance(item, Image.Image) else Path(item).stem
-            title, correct = caption(name + ".png", clf.classes, probs)
+            title, correct = caption(name + ".png", clf.classes, probs, tta)
             fig = cam_figure(x8.permute(1, 2, 0).numpy(), heat, f"{name}\n{title}", correct)
             written.append(save_figure(fig, out_dir / f"{name}_cam.png"))
     return written

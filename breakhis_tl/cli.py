@@ -394,7 +394,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.patients:
         _write_csv(patients, args.patients)
     if args.cam:
-        written = clf.gradcam(preds.loc[preds["error"] == "", "path"].tolist(), args.cam)
+        written = clf.gradcam(preds.loc[preds["error"] == "", "path"].tolist(), args.cam, args.tta)
         print(f"Wrote {len(written)} Grad-CAM overlay(s) to {args.cam}.")
     return _unreadable(preds)
 

@@ -395,7 +395,11 @@ class Classifier:
             labels = [lab or None for lab in predictions["label"].fillna("")]
         return patient_table(predictions, self.classes, labels)
 
-    def gradcam(self, inputs: Input | Iterable[Input], out_dir: str | Path) -> list[Path]:
+    def gradcam(
+        self, inputs: Input | Iterable[Input], out_dir: str | Path, tta: bool = False
+    ) -> list[Path]:
+        """Grad-CAM figures; pass the `tta` given to `predict` so that each figure's title
+        shows the class and probability of its row in the predictions."""
         from breakhis_tl.cam import save_cams
 
-        return save_cams(self, expand_inputs(inputs), Path(out_dir))
+        return save_cams(self, expand_inputs(inputs), Path(out_dir), tta)

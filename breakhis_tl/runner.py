@@ -57,6 +57,7 @@ from breakhis_tl.report.outputs import (
     check_run_name,
     check_writable,
     default_run_name,
+    discard_attempt,
     open_run_folders,
     run_folders,
 )
@@ -559,9 +560,38 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     if not check_first:
         check_pictures(cfg, data, s.task, s.store)  # hashes from the extraction's own decode
         watch.lap("duplicate check")
+    owned = open_run_folders(folders, cfg.overwrite)
+    try:
+        done, tables = _train_heads(s, run, folders, modes, (feats, view_pos), report, command,
+                                    watch)  # fmt: skip
+    except BaseException:  # a second Ctrl-C or an error: the same command must run again
+        discard_attempt(owned)
+        log.warning("Run %r aborted: its new run folders are removed, the cache is kept.", run)
+        raise
+    log.info("Time per stage: %s.", watch.summary())
+    skipped = sorted({p for d in done for p in d["skipped"]})
+    return RunResult(run, *tables,
+                     {d["name"]: d["head_path"] for d in done}, folders,
+                     any(d["interrupted"] for d in done),
+                     bool(report and not report.extracted), skipped, watch.seconds)  # fmt: skip
+
+
+def _train_heads(
+    s: Setup,
+    run: str,
+    folders: dict[str, Path],
+    modes: dict,
+    features: tuple,
+    report: ExtractionReport | None,
+    command: str | None,
+    watch: Stopwatch,
+) -> tuple[list[dict], tuple]:
+    """Everything a run writes to its run folders (split file, heads, logs, tables, figures)
+    in one place, so that an abort anywhere in it can be undone (`discard_attempt`)."""
+    cfg, data = s.cfg, s.data
+    feats, view_pos = features
     paths = data.images["path"].tolist()
     fallbacks = {paths[r]: m for r, m in (report.stain_fallbacks if report else {}).items()}
-    open_run_folders(folders, cfg.overwrite)
     write_split(data.plan, folders["models"] / "split.csv")
     ctx = _Context(cfg, run, s.task, s.classes, data.plan.protocol, data.plan.group_by,
                    command or " ".join(sys.argv), s.device, modes, folders, feats, view_pos,
@@ -577,12 +607,7 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     ctx.seconds = watch.seconds
     write_run_outputs(ctx, results, history, predictions, done)
     watch.lap("run outputs")
-    log.info("Time per stage: %s.", watch.summary())
-    skipped = sorted({p for d in done for p in d["skipped"]})
-    return RunResult(run, results, history, predictions,
-                     {d["name"]: d["head_path"] for d in done}, folders,
-                     any(d["interrupted"] for d in done),
-                     bool(report and not report.extracted), skipped, watch.seconds)  # fmt: skip
+    return done, (results, history, predictions)
 
 
 def _run_jobs(ctx: _Context, jobs: list[headjob.HeadJob]) -> list[dict]:

@@ -108,3 +108,45 @@ def test_both_classes_of_the_default_head_have_a_map(clf, breakhis_sample):
             with torch.enable_grad():
                 heat = grad_cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
             assert heat.max() > 0, (chosen[c], c)
+
+
+def test_tta_cam_title_is_the_predictions_row(clf, head_file, breakhis_sample, tmp_path,
+                                              monkeypatch):  # fmt: skip
+    """`predict --tta --cam DIR`: each figure's title gives the class and probability of its
+    row in predictions.csv (the mean over the 8 views), and the map is of that class (the
+    title said p = 0.71 where the CSV said 0.578 for SOB_B_F-14-25197-400-033)."""
+    import pandas as pd
+    from pytorch_grad_cam.utils import model_targets
+
+    from breakhis_tl.cli import main
+
+    def top(df):
+        return [f"{r.prediction} {getattr(r, f'prob_{r.prediction}'):.2f}" for r in df.itertuples()]
+
+    paths = sorted(str(p) for p in breakhis_sample.rglob("*.png"))
+    plain = top(clf.predict(paths, workers=0, progress=False))
+    tta = top(clf.predict(paths, tta=True, workers=0, progress=False))
+    differ = [p for p, a, b in zip(paths, plain, tta, strict=True) if a != b][:2]
+    assert len(differ) == 2  # images whose title would show the wrong number without TTA
+    titles, targets = [], []
+    real_save, real_target = cam.save_figure, model_targets.ClassifierOutputTarget
+
+    def spy(fig, path):
+        titles.append(fig._suptitle.get_text())
+        return real_save(fig, path)
+
+    def target(k):
+        targets.append(k)
+        return real_target(k)
+
+    monkeypatch.setattr(cam, "save_figure", spy)
+    monkeypatch.setattr(model_targets, "ClassifierOutputTarget", target)
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--head", str(head_file), *differ, "--device", "cpu", "--workers", "0"]
+    assert main([*args, "--tta", "--cam", str(tmp_path / "cam"), "--out", str(out)]) == 0
+    rows = pd.read_csv(out)
+    assert len(titles) == len(rows) == 2
+    for title, k, row in zip(titles, targets, rows.itertuples(), strict=True):
+        prob = getattr(row, f"prob_{row.prediction}")
+        assert f"predicted: {row.prediction} (p = {prob:.2f}, mean of 8 views)" in title, title
+        assert clf.classes[k] == row.prediction  # the map explains the class the CSV gives

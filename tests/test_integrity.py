@@ -506,6 +506,54 @@ def test_run_name_reuse_refused_or_replaced_whole(breakhis_sample, tmp_path):
     assert not list((tmp_path / "trained_models/r").glob(".*tmp"))
 
 
+RUN_SUBS = ("trained_models", "summary_writers", "validation_graphs")
+
+
+def _abort_in_head(monkeypatch, out, run):
+    """A second Ctrl-C while a head trains: its split.csv and TensorBoard log exist."""
+    from breakhis_tl import headjob
+
+    def second_ctrl_c(ctx, job, data):
+        assert (out / "trained_models" / run / "split.csv").is_file()
+        assert any((out / "summary_writers" / run).iterdir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(headjob, "train_head", second_ctrl_c)
+
+
+def test_an_aborted_run_leaves_nothing_that_blocks_it(breakhis_sample, tmp_path, monkeypatch):
+    """A double Ctrl-C left split.csv and a partial TensorBoard log, and the same command was
+    then refused ("Run name ... is already used"): the run folders it made are removed, the
+    completed feature-cache entries are kept."""
+    (tmp_path / "trained_models" / "r").mkdir(parents=True)  # there before, empty
+    with monkeypatch.context() as m:
+        _abort_in_head(m, tmp_path, "r")
+        with pytest.raises(KeyboardInterrupt):
+            run_training(_cfg(breakhis_sample, tmp_path, run="r"))
+    assert not (tmp_path / "summary_writers/r").exists()
+    assert not (tmp_path / "validation_graphs/r").exists()
+    kept = tmp_path / "trained_models/r"  # not made by the attempt: emptied, not deleted
+    assert kept.is_dir() and not any(kept.iterdir())
+    assert any((tmp_path / "data/cache/features").rglob("*.safetensors"))  # cache kept
+    res = run_training(_cfg(breakhis_sample, tmp_path, run="r"))  # the same command runs
+    assert res.cache_used and not res.interrupted  # nothing extracted again
+    assert (tmp_path / "trained_models/r/efficientnet_lite0.pt").is_file()
+
+
+def test_an_aborted_overwrite_never_deletes_the_run_that_was_there(breakhis_sample, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    """Only what an attempt created is removed: run folders that held a run before it (here
+    replaced under --overwrite) stay, and the same --overwrite command runs again."""
+    run_training(_cfg(breakhis_sample, tmp_path, run="r"))
+    with monkeypatch.context() as m:
+        _abort_in_head(m, tmp_path, "r")
+        with pytest.raises(KeyboardInterrupt):
+            run_training(_cfg(breakhis_sample, tmp_path, run="r", overwrite=True))
+    assert all((tmp_path / sub / "r").is_dir() for sub in RUN_SUBS)
+    run_training(_cfg(breakhis_sample, tmp_path, run="r", overwrite=True))
+    assert (tmp_path / "trained_models/r/efficientnet_lite0.pt").is_file()
+
+
 def test_repeats_give_one_head_per_seed(breakhis_sample, tmp_path):
     res = run_training(_cfg(breakhis_sample, tmp_path, run="rep", repeats=2))
     assert sorted(res.heads) == ["efficientnet_lite0_rep1", "efficientnet_lite0_rep2"]

@@ -59,15 +59,39 @@ def check_writable(folder: Path, what: str = "Output folder") -> None:
 _check_writable = check_writable
 
 
-def open_run_folders(folders: dict[str, Path], overwrite: bool) -> None:
-    """Called when training starts: replace an older run of that name, then create."""
+def open_run_folders(folders: dict[str, Path], overwrite: bool) -> dict[Path, bool]:
+    """Called when training starts: replace an older run of that name, then create. Returns,
+    for each folder this attempt owns, whether it made it (True) or found it empty (False):
+    what `discard_attempt` may undo when the run is aborted. A folder that held a run before
+    (replaced under --overwrite) is not listed, so an abort never deletes it."""
+    owned = {}
     for f in folders.values():
-        if overwrite and f.exists():
-            shutil.rmtree(f)
+        if f.exists() and not (f.is_dir() and not any(f.iterdir())):
+            if overwrite:
+                shutil.rmtree(f)
+        else:
+            owned[f] = not f.exists()
         try:
             f.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"Output folder {f} cannot be written ({exc.strerror}).") from None
+    return owned
+
+
+def discard_attempt(owned: dict[Path, bool]) -> None:
+    """After an abort (a second Ctrl-C, an error): remove what this attempt wrote to the run
+    folders it owns (`open_run_folders`), so a split.csv or a partial TensorBoard log does
+    not make the same command be refused as a used run name. A folder it made goes; one it
+    found empty is emptied and kept. The feature cache lies elsewhere and is kept."""
+    for folder, made in owned.items():
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        for child in folder.iterdir() if folder.is_dir() else ():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
 
 
 def atomic_csv(df: pd.DataFrame, path: Path) -> Path:
