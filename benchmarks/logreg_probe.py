@@ -60,8 +60,14 @@ def tiled(x: np.ndarray, y: np.ndarray, g: np.ndarray, rows: int, seed: int = 0)
 
 def baseline(rev: str) -> types.ModuleType:
     """training.py as it was at `rev` (scikit-learn's solver), importable beside today's."""
-    src = subprocess.run(["git", "show", f"{rev}:breakhis_tl/heads/training.py"], cwd=REPO_ROOT,
+    src = subprocess.run(["git", "show", f"{rev}:breakhis_tl/training.py"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    moved = {
+        "breakhis_tl.dataset": "breakhis_tl.data.dataset",
+        "breakhis_tl.features": "breakhis_tl.features.extract",
+    }  # the modules since then
+    for old, new in moved.items():
+        src = src.replace(f"from {old} import", f"from {new} import")
     module = types.ModuleType("baseline_training")
     sys.modules[module.__name__] = module  # its dataclasses look their module up
     exec(compile(src, f"{rev}:training.py", "exec"), module.__dict__)

@@ -110,7 +110,6 @@ def reported_split(frame: pd.DataFrame) -> str:
     return "test" if (frame["split"] == "test").any() else "val"
 
 
-_held_out = reported_split  # the name older notebooks used
 
 
 # --- the patient bootstrap -----------------------------------------------------------------

@@ -21,9 +21,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: share the cores, do no
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-# One measured compute-mode decision per backbone for the whole session, not one per test.
+# One measured compute-mode decision per backbone for the whole session (all its pytest -n
+# workers), not one per test, and none left over from another session.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
 os.environ.setdefault(
-    "BREAKHIS_TL_DISPATCH_DIR", os.path.join(tempfile.gettempdir(), "breakhis_tl_dispatch")
+    "BREAKHIS_TL_DISPATCH_DIR",
+    os.path.join(tempfile.gettempdir(), f"breakhis_tl_dispatch_{_RUN}")
+    if _RUN
+    else tempfile.mkdtemp(prefix="breakhis_tl_dispatch_"),
 )
 
 

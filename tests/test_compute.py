@@ -245,13 +245,18 @@ def test_without_bf16_kernels_auto_runs_fp32_and_measures_no_bf16(monkeypatch, t
     assert F.fast_path(CPU) == FastPath(None, True, folded=True)
 
 
-def test_the_feature_space_depends_on_the_dtype_not_the_layout():
+def test_fp32_layouts_share_a_feature_space_and_low_precision_modes_do_not():
+    """fp32 layouts differ far below fp16 storage; bf16 layouts round differently, so each
+    low-precision mode (and fp32) names its own space."""
     from breakhis_tl.features.extract import feature_space
 
     bb = build_backbone("mobilenet_v2", "none", 0)
     fp32 = {feature_space(bb, 0, p) for p in F.candidates(CPU, None)}
-    low = {feature_space(bb, 0, p) for p in F.candidates(CPU, LOW)}
-    assert len(fp32) == 1 and len(low) == 1 and fp32 != low
+    lows = [FastPath(LOW, True, True, True), FastPath(LOW, False, False, True),
+            FastPath(LOW, True, True)]  # fmt: skip
+    low = {feature_space(bb, 0, p) for p in lows}
+    assert len(fp32) == 1 and len(low) == 3 and not fp32 & low
+    assert F.candidates(CPU, LOW) == [FastPath(LOW, True, True, cast=True)]  # one, not timed
 
 
 def test_cosine_is_scale_free_and_zero_for_empty_features():

@@ -83,7 +83,6 @@ def test_a_shard_decodes_only_its_own_images(breakhis_sample, tmp_path, monkeypa
 
     decoded = []
     monkeypatch.setattr(identity, "_decode_hashes", lambda paths, *a: decoded.extend(paths))
-    monkeypatch.setenv("BREAKHIS_TL_RUN_ID", "test-shard")
     cfg = RunConfig(data=str(breakhis_sample), archs=["efficientnet_lite0"], workers=0,
                     progress=False, cache_dir=str(tmp_path / "c"))  # fmt: skip
     out = run_extraction(cfg, shard=(0, 2))

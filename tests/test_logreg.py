@@ -29,10 +29,12 @@ PROB_TOL = 5e-3  # largest difference of a probability at the chosen C (measured
 def _lite0_features(index) -> dict:
     from breakhis_tl.features.extract import Request, extract
     from breakhis_tl.models.backbones import build_backbone
+    from breakhis_tl.models.compute import PLAIN
 
     bb = build_backbone("efficientnet_lite0", "default")
     paths = index["path"].tolist()
-    [(x, ok)], _ = extract(paths, [Request(bb, 0, np.arange(len(paths)))], workers=0,
+    # fp32: the same features on any CPU, within fp32 rounding (bf16 would vary with it)
+    [(x, ok)], _ = extract(paths, [Request(bb, 0, np.arange(len(paths)), PLAIN)], workers=0,
                            progress=False)  # fmt: skip
     assert ok.all()
     return {"x": x, "index": index}
@@ -79,6 +81,7 @@ def _sklearn_path(x, y, splits):
     return oofs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["breakhis_feats", "idc_feats"])
 def test_default_probe_matches_converged_sklearn(data, request):
     """Same folds, same C chosen by out-of-fold balanced accuracy, the same out-of-fold
@@ -101,6 +104,7 @@ def test_default_probe_matches_converged_sklearn(data, request):
     assert np.abs(ours - ref.predict_proba(x)).max() <= PROB_TOL
 
 
+@pytest.mark.slow
 def test_multinomial_matches_sklearn(breakhis_feats):
     """More than two classes: one softmax over all of them, every row penalised, as
     scikit-learn's multinomial LogisticRegression (here the 8 BreakHis subtypes)."""

@@ -130,7 +130,6 @@ def test_shards_through_a_link_and_the_real_path_share_one_cache(
     hashes and features of one are the other's, so nothing is read or decoded twice."""
     link = linked_data("breakhis_sample")
     real = link.resolve()
-    monkeypatch.setenv("BREAKHIS_TL_RUN_ID", "test-shard-link")
 
     def cfg(root: Path) -> RunConfig:
         return RunConfig(data=str(root), archs=["efficientnet_lite0"], workers=0,

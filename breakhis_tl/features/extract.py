@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +34,6 @@ from breakhis_tl.models.compute import (  # noqa: F401 (re-exported: the extract
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path("data") / "cache"  # features/, images.sqlite
 # Bump when a backbone's forward, pooling or folding changes: cached features then differ.
 FEATURES_VERSION = 4
 
@@ -62,12 +60,13 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def feature_space(bb: Backbone, view: int, fp: FastPath, stain: str = "none") -> str:
-    """Everything a feature depends on but the image: features differ by compute dtype, so
-    it is part of the key (not the layout: fp32 layouts differ far below fp16 storage);
+    """Everything a feature depends on but the image: the compute mode (fp32 layouts differ
+    far below fp16 storage and share the key; a low precision's mode is keyed whole);
     random weights are what the seed and the initialising library's version make."""
     key = {
         "arch": bb.name, "weights": bb.weights_id, "prep": bb.prep.to_dict(), "view": view,
-        "compute": fp.dtype, "stain": stain, "code": FEATURES_VERSION,
+        "compute": fp.dtype if fp.autocast is None else fp.describe(), "stain": stain,
+        "code": FEATURES_VERSION,
         "torch": ".".join(torch.__version__.split(".")[:2]),
     }  # fmt: skip
     if bb.weights == "none":

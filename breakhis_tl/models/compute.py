@@ -1,12 +1,13 @@
-"""How a batch goes through a frozen backbone: the compute mode, chosen by measurement.
+"""How a batch goes through a frozen backbone: the compute mode.
 
 The dtype is a rule, not a race: bf16 where the device has native bf16 kernels (emulated
-bf16 is several times slower than fp32), fp32 elsewhere, and fp32 whenever bf16 features
-of this backbone are not close to fp32 ones (per-image cosine below MIN_COSINE on a real
-batch). Within the dtype, the layout (NCHW or channels_last, batch norm folded or not) is
-timed on one warm batch, interleaved, and the decision kept in dispatch.json per machine.
-Features depend on the dtype only (fp32 layouts differ far below the fp16 the cache stores),
-so the feature cache is keyed by the dtype and every layout of it shares the cached features.
+bf16 is several times slower than fp32), fp32 elsewhere, and fp32 whenever the backbone's
+bf16 features are not close to fp32 ones (per-image cosine below MIN_COSINE on a batch of
+smooth colour fields). bf16 runs one fixed layout (folded, channels_last): its layouts round
+differently, so timing them would make the features depend on a race. fp32 layouts (NCHW or
+channels_last, batch norm folded or not) differ far below the fp16 the cache stores, so the
+fastest is timed on one warm batch and kept in dispatch.json per machine, and they share one
+feature space. On a GPU, fp32 is fp32: TF32 is switched off while a backbone runs.
 
 The folded module is a copy: `Backbone.module` stays as built, for Grad-CAM and for the
 batch-norm calibration of random inits.
@@ -25,6 +26,7 @@ import statistics
 import time
 import warnings
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +39,11 @@ log = logging.getLogger(__name__)
 
 DISPATCH_FILE = "dispatch.json"  # under the cache folder the caller passes (data/cache)
 MIN_COSINE = 0.995  # a low-precision mode's features against fp32 on the same batch, per image
-DISPATCH_VERSION = 3  # in every dispatch key: bump when folding or the candidate list changes
+DISPATCH_VERSION = 4  # in every dispatch key: bump when folding or the candidate list changes
 PRECISIONS = ("auto", "fp32", "bf16")
 _DTYPES = {"fp32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "avx_ne_convert", "bf16"}  # x86 and Arm names
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # what a machine may be told to use
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,9 @@ def machine_id(device: torch.device) -> str:
     name, flags = cpu_info()
     digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
     gpu = f" | {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return f"{name} flags:{digest} | torch {torch.__version__} | {device.type}{gpu}"
+    limits = [f"{k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k)]  # imitated CPUs
+    return " | ".join([f"{name} flags:{digest}", *limits, f"torch {torch.__version__}",
+                       f"{device.type}{gpu}"])  # fmt: skip
 
 
 def low_dtype(device: torch.device) -> torch.dtype | None:
@@ -150,14 +155,13 @@ def fast_path(device: torch.device, optimised: bool = True) -> FastPath:
 
 
 def candidates(device: torch.device, dtype: torch.dtype | None) -> list[FastPath]:
-    """The layouts worth timing for one dtype on this device."""
+    """The layouts worth timing for one dtype on this device (one for a low precision)."""
     if device.type == "mps":
         return [PLAIN, FastPath(folded=True)]
-    cast = dtype is not None and device.type == "cpu"
-    return [
-        FastPath(dtype, cl, folded, cast)
-        for cl, folded in [(False, False), (True, False), (True, True)]
-    ]
+    if dtype is not None:
+        return [FastPath(dtype, True, True, cast=device.type == "cpu")]
+    return [FastPath(None, cl, folded) for cl, folded in [(False, False), (True, False),
+                                                          (True, True)]]  # fmt: skip
 
 
 # ---------------------------------------------------------------- running
@@ -203,7 +207,9 @@ def run_backbone(bb: Backbone, x: torch.Tensor, path: FastPath) -> torch.Tensor:
     if path.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     use_autocast = path.autocast is not None and not path.cast
-    with torch.inference_mode(), torch.autocast(x.device.type, path.autocast, use_autocast):
+    tf32 = torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if (
+        x.device.type == "cuda" and path.autocast is None) else nullcontext()  # fmt: skip
+    with torch.inference_mode(), tf32, torch.autocast(x.device.type, path.autocast, use_autocast):
         return module(x).float()
 
 
@@ -409,9 +415,12 @@ def _write_cache(cache_dir, key: str, best: FastPath, measured: dict) -> None:
     if cache_dir is None:
         return
     folder = Path(cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     data = _read_cache(folder)
     data[key] = {"path": best.to_dict(), "mode": best.describe(), "images_per_s": measured}
-    tmp = folder / f".{DISPATCH_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, folder / DISPATCH_FILE)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{DISPATCH_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, folder / DISPATCH_FILE)
+    except OSError as err:  # a read-only or foreign folder: measured again next time
+        log.warning("Could not keep the compute mode in %s (%s).", folder / DISPATCH_FILE, err)
