@@ -110,8 +110,6 @@ def reported_split(frame: pd.DataFrame) -> str:
     return "test" if (frame["split"] == "test").any() else "val"
 
 
-
-
 # --- the patient bootstrap -----------------------------------------------------------------
 
 

@@ -168,22 +168,20 @@ def train_head(ctx, job: HeadJob, data: TrainingData) -> tuple[torch.nn.Module, 
 
     writer = ctx.writers[job.name]
     log.info("Training a %s head: %s (%d classes).", t.head, job.name, len(ctx.classes))
+    hooks = Hooks(lambda e, logs: log_epoch(writer, e, logs), lambda: ctx.stop.stop)
     if t.head == "logreg":
-        on_epoch = lambda e, logs: log_epoch(writer, e, logs)  # noqa: E731
         x_val, idx = data.eval_feats("val")
         if data.groups is not None and t.select == "best" and len(idx):
             train = (data.x_train, data.labels, data.groups)  # as cached: no float copy
             val = (x_val, job.y[idx], patients[idx])
-            tuned = fit_logreg_cv(train, val, ctx.classes, t, on_epoch, job.seed, ctx.device,
-                                  lambda: ctx.stop.stop)  # fmt: skip
+            tuned = fit_logreg_cv(train, val, ctx.classes, t, hooks, job.seed, ctx.device)
             if tuned is not None:
                 head, result, data.val_probs = tuned
                 return head, result
-        return fit_logreg(data.batches, evaluate_val, ctx.classes, t, on_epoch, job.seed,
-                          ctx.device, lambda: ctx.stop.stop)  # fmt: skip
+        return fit_logreg(data.batches, evaluate_val, ctx.classes, t, hooks, job.seed,
+                          ctx.device)  # fmt: skip
     torch.manual_seed(job.seed)
     head = make_head(t.head, job.backbone.feature_dim, len(ctx.classes), t.hidden, t.dropout)
-    hooks = Hooks(lambda e, logs: log_epoch(writer, e, logs), lambda: ctx.stop.stop)
     result = fit(head.to(ctx.device), data.batches, evaluate_val, data.labels, ctx.classes, t,
                  hooks, seed=job.seed)  # fmt: skip
     return head, result

@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from breakhis_tl.heads import logreg
-from breakhis_tl.heads.training import LOGREG_C, TrainConfig, fit_logreg, fit_logreg_cv
+from breakhis_tl.heads.training import LOGREG_C, Hooks, TrainConfig, fit_logreg, fit_logreg_cv
 
 PROB_TOL = 5e-3  # largest difference of a probability at the chosen C (measured <= 1.8e-3)
 
@@ -184,14 +184,15 @@ def test_ctrl_c_during_the_first_c_ends_the_path(breakhis_feats, monkeypatch):
     val = np.isin(g, np.unique(g)[::5])
     flag, calls = _stop_during_first_solve(monkeypatch)
     stop = lambda: flag["stop"]  # noqa: E731
+    hooks = Hooks(should_stop=stop)
     head, res, val_oof = fit_logreg_cv((x[~val], y[~val], g[~val]), (x[val], y[val], g[val]),
-                                       ["a", "b"], TrainConfig(), should_stop=stop)  # fmt: skip
+                                       ["a", "b"], TrainConfig(), hooks)  # fmt: skip
     assert res.interrupted and len(res.history) == 1 and res.best_epoch == 1
     assert set(calls) == {LOGREG_C[0]} and len(val_oof) == val.sum()
     batches = lambda epoch: [(torch.as_tensor(x[~val]), torch.as_tensor(y[~val]))]  # noqa: E731
     evaluate = lambda h: (y[val], torch.softmax(h(x[val].float()), 1).detach().numpy(), g[val])  # noqa: E731
     calls.clear()
-    head, res = fit_logreg(batches, evaluate, ["a", "b"], TrainConfig(), should_stop=stop)
+    head, res = fit_logreg(batches, evaluate, ["a", "b"], TrainConfig(), hooks)
     assert res.interrupted and len(res.history) == 1 and set(calls) == {LOGREG_C[0]}
 
 

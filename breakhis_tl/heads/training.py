@@ -359,18 +359,18 @@ def fit_logreg(
     evaluate_val: Callable[[nn.Module], tuple[np.ndarray, np.ndarray, list]],
     classes: list[str],
     cfg: TrainConfig,
-    on_epoch: Callable[[int, dict], None] | None = None,
+    hooks: Hooks | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[nn.Module, FitResult]:
     """The linear probe of CLIP and DINOv2 evaluations: L-BFGS logistic regression on
     standardised features, trained to convergence whatever the data size, its strength C
     chosen on the validation patients only (`select last`: C = 1, nothing selected). The
     fallback of `fit_logreg_cv`, for splits with too few patients to cross-validate.
     Each candidate C is one row of the history (its `epoch` is the candidate's number).
-    A Ctrl-C (`should_stop`) ends the path: the best candidate finished so far is kept."""
-    start = time.perf_counter()
+    A Ctrl-C (`hooks.should_stop`) ends the path: the best candidate finished so far is
+    kept."""
+    hooks, start = hooks or Hooks(), time.perf_counter()
     x, y = _collect(train_batches)
     p = logreg.standardise([x], y, len(classes), device)
     logreg.set_folds(p, np.ones((1, len(y)), bool), cfg.class_weighted)
@@ -379,7 +379,7 @@ def fit_logreg(
     for k, c in enumerate(grid, start=1):
         t0 = time.perf_counter()
         try:
-            theta = _solve(p, c, theta, k, should_stop)
+            theta = _solve(p, c, theta, k, hooks.should_stop)
         except logreg.Interrupted:
             interrupted = True
             break
@@ -394,11 +394,11 @@ def fit_logreg(
                 "seconds": time.perf_counter() - t0}  # fmt: skip
         history.append(logs)
         heads.append(head)
-        if on_epoch:
-            on_epoch(k, logs)
+        if hooks.on_epoch:
+            hooks.on_epoch(k, logs)
         if _score(val_m) > _score(history[best - 1] if best else {}) or not best:
             best = k
-    interrupted = interrupted or should_stop()
+    interrupted = interrupted or hooks.should_stop()
     _say_chosen(grid[best - 1], "on the validation set", interrupted, len(history), len(grid))
     head = heads[best - 1]
     state = copy.deepcopy(head.state_dict())
@@ -432,14 +432,14 @@ def _cv_row(k: int, c: float, y, oof, is_val, classes: list[str], t0: float) -> 
             "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
-def _cv_path(p, splits, y, is_val, classes, on_epoch, should_stop) -> tuple[list, ...]:
+def _cv_path(p, splits, y, is_val, classes, hooks: Hooks) -> tuple[list, ...]:
     """Every fold solved together, C ascending, each warm-started from the last: one history
     row, the out-of-fold probabilities and the fold solutions per finished candidate."""
     history, oofs, thetas, theta = [], [], [], logreg.zeros(p)
     for k, c in enumerate(LOGREG_C, start=1):
         t0 = time.perf_counter()
         try:
-            theta = _solve(p, c, theta, k, should_stop)
+            theta = _solve(p, c, theta, k, hooks.should_stop)
         except logreg.Interrupted:
             break
         probs = logreg.probabilities(p, theta)
@@ -449,8 +449,8 @@ def _cv_path(p, splits, y, is_val, classes, on_epoch, should_stop) -> tuple[list
         history.append(_cv_row(k, c, y, oof, is_val, classes, t0))
         oofs.append(oof)
         thetas.append(theta)
-        if on_epoch:
-            on_epoch(k, history[-1])
+        if hooks.on_epoch:
+            hooks.on_epoch(k, history[-1])
     return history, oofs, thetas
 
 
@@ -459,10 +459,9 @@ def fit_logreg_cv(
     val: tuple,
     classes: list[str],
     cfg: TrainConfig,
-    on_epoch: Callable[[int, dict], None] | None = None,
+    hooks: Hooks | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[nn.Module, FitResult, np.ndarray] | None:
     """The default linear probe, tuned as a careful user tunes scikit-learn's: C chosen by
     patient-grouped k-fold CV over the training and validation patients (out-of-fold
@@ -471,11 +470,11 @@ def fit_logreg_cv(
     features an array or tensor of any float dtype. Returns the head, its history (one row
     per C, with out-of-fold metrics on the validation images) and the out-of-fold
     probabilities of the validation images at the chosen C: the honest `val (selected)`
-    score, since the refit head has seen those images. A Ctrl-C (`should_stop`) ends the C
-    path at once; the best candidate finished so far is refit."""
+    score, since the refit head has seen those images. A Ctrl-C (`hooks.should_stop`) ends
+    the C path at once; the best candidate finished so far is refit."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    start = time.perf_counter()
+    hooks, start = hooks or Hooks(), time.perf_counter()
     y = np.concatenate([np.asarray(train[1]), np.asarray(val[1])])
     groups = np.concatenate([train[2], val[2]])
     is_val = np.r_[np.zeros(len(train[1]), bool), np.ones(len(val[1]), bool)]
@@ -489,11 +488,11 @@ def fit_logreg_cv(
         fold_rows[f, tr] = True
     p = logreg.standardise([train[0], val[0]], y, len(classes), device)
     logreg.set_folds(p, fold_rows, cfg.class_weighted)
-    history, oofs, thetas = _cv_path(p, splits, y, is_val, classes, on_epoch, should_stop)
+    history, oofs, thetas = _cv_path(p, splits, y, is_val, classes, hooks)
     best = 1  # the first of equal scores, as the candidates come
     for k, h in enumerate(history, start=1):
         best = k if h["cv_balanced_accuracy"] > history[best - 1]["cv_balanced_accuracy"] else best
-    interrupted = len(history) < len(LOGREG_C) or should_stop()
+    interrupted = len(history) < len(LOGREG_C) or hooks.should_stop()
     _say_chosen(LOGREG_C[best - 1], f"by {cv.n_splits}-fold patient-grouped CV", interrupted,
                 len(history), len(LOGREG_C))  # fmt: skip
     warm = logreg.fold_mean(p, thetas[best - 1])
