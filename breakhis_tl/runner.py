@@ -540,15 +540,10 @@ def head_features(s: Setup, modes: dict) -> tuple[dict, dict, ExtractionReport |
 
 def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     watch = Stopwatch()
-    names = {}
-
-    def check(cfg: RunConfig) -> None:
-        names["run"] = cfg.run or default_run_name()
-        names["folders"] = run_folders(Path(cfg.out), names["run"])
-        check_run_name(names["folders"], cfg.overwrite)
-
-    s = set_up(cfg, watch, check=check)
-    cfg, run, folders, data = s.cfg, names["run"], names["folders"], s.data
+    run = cfg.run or default_run_name()
+    folders = run_folders(Path(cfg.out), run)
+    s = set_up(cfg, watch, check=lambda c: check_run_name(folders, c.overwrite))
+    cfg, data = s.cfg, s.data
     check_first = headjob.runs_end_to_end(cfg) or pictures_known(data, s.store)
     if check_first:  # else after the extraction, hashed in its decode
         check_pictures(cfg, data, s.task, s.store)
