@@ -269,7 +269,8 @@ def architecture_differences(run: Run, n_boot: int = 2000, seed: int = 0) -> pd.
                 "difference (second - first)": round(gap, 3),
                 "95% CI (paired patient bootstrap)": f"[{lo:+.3f}, {hi:+.3f}]",
                 "patients": both["patient"].nunique(), "images": _images(both),
-                "caveat": few_patients_caveat(both["patient"].nunique()),
+                "caveat": few_patients_caveat(both["patient"].nunique(),
+                                              selected=reported_split(p) == "val"),
             })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -814,11 +815,12 @@ def compare_runs(out_dir: str | Path, first: str, second: str, n: int = 2000) ->
     with a paired patient-bootstrap 95% interval (one draw of patients serves both runs).
     The draw is of one patient key, the coarser of the two runs' (see `_coarser`): pairing
     needs each patient to be the same unit in both runs, and the sentence names the key."""
-    frames, keys = [], []
+    frames, keys, sides = [], [], []
     for arm in (first, second):
         run = load_run(out_dir, arm)
         p = run.predictions
-        frames.append(p[p["split"] == reported_split(p)].assign(arm=arm, repeat=1))
+        sides.append(reported_split(p))
+        frames.append(p[p["split"] == sides[-1]].assign(arm=arm, repeat=1))
         keys.append(run.config.get("group_by") or "patient")
     shared = sorted(set(frames[0]["relpath"]) & set(frames[1]["relpath"]))
     if not shared:
@@ -836,7 +838,12 @@ def compare_runs(out_dir: str | Path, first: str, second: str, n: int = 2000) ->
         how = f"patient key {keys[which]}"
     else:
         how = f"patient key {keys[which]} of run {(first, second)[which]}, the coarser"
+    scored = ""
+    if sides != ["test", "test"]:  # a val side picked its model: say what is compared
+        scored = (f"; {first} scored on {split_label(sides[0])}, {second} on "
+                  f"{split_label(sides[1])}: a selected side is optimistic")  # fmt: skip
     return (
         f"{second} minus {first}: {gap:+.3f} balanced accuracy, 95% CI [{lo:+.3f}, {hi:+.3f}] "
-        f"(paired patient bootstrap on {how}: {key.nunique()} patients, {len(shared)} images)"
+        f"(paired patient bootstrap on {how}: {key.nunique()} patients, {len(shared)} "
+        f"images{scored})"
     )

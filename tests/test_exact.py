@@ -459,3 +459,30 @@ def test_torch_torchvision_mismatch_is_one_sentence(monkeypatch, capsys):
     code = cli.main(["index", "--data", "somewhere"])
     err = capsys.readouterr().err
     assert code == 2 and "install matching builds" in err and "Traceback" not in err
+
+
+def test_compare_runs_says_when_a_side_picked_its_model(tmp_path):
+    """A run scored on test paired with one scored on its selecting val side: the sentence
+    names both sides and that the selected one is optimistic (review finding)."""
+    import json
+
+    from breakhis_tl.analysis import compare_runs
+
+    rows = [("a", "p1", "benign"), ("b", "p2", "malignant"), ("c", "p3", "malignant"),
+            ("d", "p4", "benign")]  # fmt: skip
+    for run, split in (("tested", "test"), ("selected", "val")):
+        folder = tmp_path / "trained_models" / run
+        folder.mkdir(parents=True)
+        pd.DataFrame(
+            [{"arch": "x", "fold": 1, "repeat": 1, "split": split, "balanced_accuracy": 1.0}]
+        ).to_csv(folder / "results.csv", index=False)
+        pd.DataFrame(columns=["arch", "head", "epoch"]).to_csv(folder / "history.csv",
+                                                               index=False)  # fmt: skip
+        preds = [{"arch": "x", "fold": 1, "repeat": 1, "split": split, "relpath": r,
+                  "patient": p, "target": t, "prediction": t} for r, p, t in rows]  # fmt: skip
+        pd.DataFrame(preds).to_csv(folder / "predictions.csv", index=False)
+        (folder / "config.json").write_text(json.dumps({"classes": ["benign", "malignant"]}))
+    text = compare_runs(tmp_path, "tested", "selected", n=50)
+    assert "tested scored on test, selected on val (selected)" in text and "optimistic" in text
+    same = compare_runs(tmp_path, "tested", "tested", n=50)
+    assert "optimistic" not in same

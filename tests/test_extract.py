@@ -16,8 +16,13 @@ from breakhis_tl.errors import UserError
 
 
 def _env():
+    """This process's environment and torch thread count: fp32 reductions split over another
+    number of threads round differently, and the shards must compute as this process does."""
+    import torch
+
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -135,11 +136,15 @@ def calibrate(
     # NCHW: its statistics vary with the thread count in the 6th digit, channels_last's
     # (1.8x faster) in the 3rd; either way not bit for bit, hence calibration_id
     seen = 0
+    # in fp32 as extraction runs it: on a GPU, with TF32 off (models/compute.py)
+    fp32 = torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if (
+        device.type == "cuda") else nullcontext()  # fmt: skip
     try:
-        for x, _, _, _, _ in make_loader(ds, batch_size, workers, device=device):
-            if x is not None and len(x) > 1:  # batch-norm in train mode needs two samples
-                bb.module(x.to(device, non_blocking=True).float())
-                seen += len(x)
+        with fp32:
+            for x, _, _, _, _ in make_loader(ds, batch_size, workers, device=device):
+                if x is not None and len(x) > 1:  # batch-norm in train mode needs two samples
+                    bb.module(x.to(device, non_blocking=True).float())
+                    seen += len(x)
     finally:
         for m in layers:
             m.training = False
