@@ -1,63 +1,75 @@
-"""Decode count: one decode per image per input size, whatever the number of backbones.
+"""The decoding alone: the loader extraction uses, over the real BreakHis images, with no
+backbone: img/s of one decode per image resized to every input size of `--archs` (what
+`extract` does) against one decode per input size (what it did), each with the PNG decoder
+`data.images.load_rgb` uses (pyspng where installed) and with Pillow.
 
-python benchmarks/decode_once.py --archs resnet50,densenet121,mobilenet_v2,inception_v3 --images 32
+The four variants run interleaved in rotating order, `--repeats` rounds, with the loader's
+workers (`--workers`, default: as extraction on `--device`); img/s is the median with
+[min, max], ratios are of medians. With the most workers a machine has, this is the rate
+extraction cannot beat however fast the backbones are.
+
+    python benchmarks/decode_once.py --archs resnet50,inception_v3 --repeats 5
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-import numpy as np
-from common import emit, machine, make_tree, parser, table, workdir
+from common import emit, machine, parser, spread
 
-import breakhis_tl.data.dataset as dataset
-from breakhis_tl.features.extract import Request, extract, pick_device
+from breakhis_tl.data import images
+from breakhis_tl.data.dataset import StainedImages, collate_hashed, make_loader
+from breakhis_tl.data.stain import StainSetup
+from breakhis_tl.data.transforms import DecodeSizes, decode_transform
 from breakhis_tl.models.backbones import build_backbone
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "breakhis_real"
+
+
+def one_pass(paths: list[str], transforms: list, workers: int, device: str) -> int:
+    """Images through the loader once per transform; returns the decodes made."""
+    n = len(paths)
+    for t in transforms:
+        ds = StainedImages(paths, t, StainSetup(), paths, [1] * n)
+        for _ in make_loader(ds, 32, workers, collate_fn=collate_hashed, device=device):
+            pass
+    return n * len(transforms)
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--archs", default="resnet50,densenet121,mobilenet_v2,inception_v3")
-    p.add_argument("--images", type=int, default=32)
-    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--archs", default="resnet50,inception_v3")
+    p.add_argument("--images", type=int, default=148)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    device = pick_device(args.device)
-    root = make_tree(workdir(args.workdir, "images"), max(args.images, 8))
-    paths = [str(q) for q in sorted(root.rglob("*.png"))[: args.images]]
-    decodes = {"n": 0}
-    real = dataset.load_rgb
-
-    def counting(path):
-        decodes["n"] += 1
-        return real(path)
-
-    dataset.load_rgb = counting  # workers=0 below, so every decode happens in this process
-    backbones = [
-        build_backbone(a, "none" if a != "efficientnet_lite0" else "default")
-        for a in args.archs.split(",")
-    ]
-    rows = np.arange(len(paths))
-    reqs = [Request(bb, v, rows) for bb in backbones for v in range(args.views)]
-    t0 = time.perf_counter()
-    _, report = extract(paths, reqs, None, device, workers=0, progress=False)
-    sizes = sorted({bb.prep.input_size for bb in backbones})
-    record = {
-        "benchmark": "decode_once",
-        **machine(str(device)),
-        "archs": args.archs,
-        "images": len(paths),
-        "views": args.views,
-        "input_sizes": sizes,
-        "decodes": decodes["n"],
-        "decodes_per_image": decodes["n"] / len(paths),
-        "target_decodes": len(paths) * len(sizes),
-        "per_architecture_decodes": len(paths) * len(backbones) * args.views,
-        "seconds": round(time.perf_counter() - t0, 2),
+    paths = [str(q) for q in sorted(DATA.rglob("*.png"))[: args.images]]
+    preps = list({build_backbone(a, "none").prep.decode_key(): build_backbone(a, "none").prep
+                  for a in args.archs.split(",")}.values())  # fmt: skip
+    variants = {
+        "once": [DecodeSizes(preps)],
+        "per_size": [decode_transform(q) for q in preps],
     }
-    emit(record)
-    table(
-        [record], ["images", "input_sizes", "decodes", "target_decodes", "per_architecture_decodes"]
-    )
+    fast = images.pyspng
+    times: dict[tuple[str, str], list[float]] = {}
+    decodes: dict[tuple[str, str], int] = {}
+    keys = [(v, d) for v in variants for d in (["pyspng"] if fast else []) + ["pillow"]]
+    for r in range(args.repeats):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            images.pyspng = fast if key[1] == "pyspng" else None  # workers fork after this
+            t = time.perf_counter()
+            decodes[key] = one_pass(paths, variants[key[0]], args.workers, args.device)
+            times.setdefault(key, []).append(len(paths) / (time.perf_counter() - t))
+    images.pyspng = fast
+    base = spread(times[("per_size", "pillow")])["median"]
+    first = {"benchmark": "decode_once", **machine(args.device), "archs": args.archs,
+             "input_sizes": sorted(q.input_size for q in preps), "images": len(paths)}  # fmt: skip
+    for key, v in times.items():
+        s = spread(v)
+        emit({**first, "decode": key[0], "decoder": key[1], "decodes": decodes[key],
+              "images_per_s": s, "vs_per_size_pillow": round(s["median"] / base, 2)})  # fmt: skip
+        first = {}
 
 
 if __name__ == "__main__":

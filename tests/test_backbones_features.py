@@ -219,14 +219,19 @@ def test_incomplete_cache_entry_is_ignored(lite0, sample_paths, tmp_path):
     assert rep.extracted == ["efficientnet_lite0/view 0"]
 
 
-def test_decode_once_per_input_size(lite0, sample_paths):
+def test_decode_once_for_all_input_sizes(lite0, sample_paths):
     mob = build_backbone("mobilenet_v2", "none")
     inc = build_backbone("inception_v3", "none")
     rows = np.arange(5)
     reqs = [Request(b, v, rows) for b in (lite0, mob, inc) for v in (0, 1)]
     out, rep = extract(sample_paths, reqs, None, workers=0, progress=False)
-    assert rep.decodes == 2 * 5  # 224 px once and 299 px once, whatever the views and backbones
+    assert rep.decodes == 5  # one decode per image for both sizes, all views and backbones
     assert out[-1][0].shape == (5, 2048)
+    # each size is the image resized from that one decode, as a run of that size alone makes it
+    (alone,), rep = extract(sample_paths, [reqs[-1]], None, workers=0, progress=False)
+    assert rep.decodes == 5 and torch.equal(alone[0], out[-1][0])
+    (alone,), _ = extract(sample_paths, [reqs[2]], None, workers=0, progress=False)
+    assert torch.equal(alone[0], out[2][0])
 
 
 def test_broken_image_skipped_or_strict(lite0, sample_paths, tmp_path, caplog):

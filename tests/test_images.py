@@ -114,3 +114,32 @@ def test_epoch_seeded_draws_per_image_and_epoch_and_leaves_the_callers_generator
     keys = iter(order)
     order.epoch = 3  # a pass in progress keeps its epoch
     assert {e for _, e in keys} == {2}
+
+
+def test_fast_png_decoder_gives_pillows_pixels(breakhis_sample, idc_sample):
+    """Real BreakHis and IDC PNGs through the fast decoder: the same pixels as Pillow's."""
+    from breakhis_tl.data import images
+
+    files = sorted(breakhis_sample.rglob("*.png"))[:6] + sorted(idc_sample.rglob("*.png"))[:20]
+    assert images.pyspng is not None, "pyspng is in requirements.txt but not installed"
+    for f in files:
+        fast = images._fast_png(f)
+        assert fast is not None, f
+        with Image.open(f) as im:
+            ref = np.asarray(im.convert("RGB"))
+        assert np.array_equal(np.asarray(fast), ref), f
+        assert np.array_equal(np.asarray(load_rgb(f)), ref), f
+
+
+def test_fast_png_decoder_leaves_other_files_to_pillow(tmp_path, breakhis_sample):
+    from breakhis_tl.data import images
+
+    grey = _save(tmp_path, "grey.png", Image.new("L", (8, 8), 7))
+    deep = _save(tmp_path, "deep.png", Image.fromarray(np.full((8, 8), 40000, np.uint16)))
+    jpeg = _save(tmp_path, "rgb.jpg", Image.new("RGB", (8, 8), (1, 2, 3)))
+    cut = tmp_path / "cut.png"
+    src = sorted(breakhis_sample.rglob("*.png"))[0]
+    cut.write_bytes(src.read_bytes()[:5000])
+    for p in (grey, deep, jpeg, cut):
+        assert images._fast_png(p) is None, p
+    assert np.asarray(load_rgb(deep))[0, 0, 0] == round(40000 / 65535 * 255)

@@ -35,7 +35,8 @@ class ImageDataset(Dataset):
 
 class StainedImages(ImageDataset):
     """Each image normalised once and turned into its stain views, all decoded: item 0 is a
-    uint8 tensor [n_views, 3, S, S] (views an image does not need are zeros). A failed
+    uint8 tensor [n_views, 3, S, S] (views an image does not need are zeros), or a tuple of
+    them, one per size, when the transform is a `DecodeSizes`. A failed
     normalisation keeps the image and carries its message in item 3 (see `collate_noted`)."""
 
     def __init__(self, paths, transform, stain, keys: Sequence[str], n_views: Sequence[int],
@@ -58,8 +59,14 @@ class StainedImages(ImageDataset):
             pixel = image_pixels(im)
         views, note = self.stain.prepare(im, self.paths[i], self.keys[i], self.n_views[i])
         x = [self.transform(v) for v in views]
-        x += [torch.zeros_like(x[0])] * (self.width - len(x))
-        return torch.stack(x), self.labels[i], i, note, im.size, pixel
+        if isinstance(x[0], tuple):  # DecodeSizes: one stack per input size
+            x = tuple(self._pad(list(s)) for s in zip(*x, strict=True))
+        else:
+            x = self._pad(x)
+        return x, self.labels[i], i, note, im.size, pixel
+
+    def _pad(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(x + [torch.zeros_like(x[0])] * (self.width - len(x)))
 
 
 class OnlineStain:
@@ -93,7 +100,11 @@ def collate(items):
     good = [it for it in items if it[0] is not None]
     failed = [(it[2], it[3]) for it in items if it[0] is None]
     if good:
-        x = torch.stack([it[0] for it in good])
+        xs = [it[0] for it in good]
+        if isinstance(xs[0], tuple):  # DecodeSizes: one batch per input size
+            x = tuple(map(torch.stack, zip(*xs, strict=True)))
+        else:
+            x = torch.stack(xs)
         y = torch.tensor([it[1] for it in good])
         idx = torch.tensor([it[2] for it in good])
     else:

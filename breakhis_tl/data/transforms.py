@@ -1,7 +1,8 @@
 """Named transform presets and the eight label-preserving views of a square crop.
 
 Decoding (resize + center crop to uint8) is split from normalisation, so one decoded batch
-serves every backbone with the same input size, whatever its mean and std.
+serves every backbone with the same input size, whatever its mean and std; `DecodeSizes`
+resizes one decode to every input size a run needs.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def decode_transform(prep: Preprocessing) -> Callable:
             v2.CenterCrop(prep.input_size),
         ]
     )
+
+
+class DecodeSizes:
+    """PIL image to one uint8 tensor [3, S, S] per preprocessing: the pixels are read once
+    and each size resized from them, so backbones of different input sizes share a decode."""
+
+    def __init__(self, preps: list[Preprocessing]) -> None:
+        self.sizes = [v2.Compose(decode_transform(p).transforms[1:]) for p in preps]
+
+    def __call__(self, im) -> tuple[torch.Tensor, ...]:
+        x = v2.functional.pil_to_tensor(im)
+        return tuple(size(x) for size in self.sizes)
 
 
 def normalize(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:

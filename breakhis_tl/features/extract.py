@@ -2,8 +2,8 @@
 
 A frozen backbone maps an image to the same feature every epoch, so the expensive pass is
 done once per image and feature space (backbone, weights, preprocessing, view, compute mode)
-and cached as fp16. A run decodes each image once for all backbones that share an input
-size, and computes every requested view of the square crop from that one decode.
+and cached as fp16. A run decodes each image once for all its backbones, resizes that decode
+to each input size, and computes every requested view of the square crop from it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from breakhis_tl import __version__
 from breakhis_tl.data.dataset import StainedImages, collate_hashed, make_loader
 from breakhis_tl.data.identity import ImageStore
 from breakhis_tl.data.stain import StainSetup
-from breakhis_tl.data.transforms import decode_transform, dihedral, normalize
+from breakhis_tl.data.transforms import DecodeSizes, dihedral, normalize
 from breakhis_tl.errors import UserError
 from breakhis_tl.features.cache import FeatureCache, Lookup, space_key
 from breakhis_tl.models.backbones import Backbone, initialiser_versions
@@ -169,8 +169,8 @@ def extract(
     if o.hash_pixels:
         known = store.known_pixels(ids)
         report.to_hash = {r for r, i in enumerate(ids) if i and i not in known}
-    for group in groups.values():
-        _extract_group(paths, ids, group, (cache, store, device), report, o)
+    if groups:
+        _extract_all(paths, ids, list(groups.values()), (cache, store, device), report, o)
     _warn(report)
     return [(s.feats, s.ok) for s in slots], report
 
@@ -232,55 +232,64 @@ def _note(report: ExtractionReport, row: int, msg: str, strict: bool) -> None:
         raise UserError(f"{msg} (--strict stops instead of using the image unnormalised).")
 
 
-def _extract_group(paths, ids, group, where: tuple, report, o: ExtractOptions) -> None:
-    """One decode size's requests, block by block; `where` is (cache, store, device)."""
+def _extract_all(paths, ids, groups, where: tuple, report, o: ExtractOptions) -> None:
+    """Every decode size's requests, block by block, from one decode per image; `where` is
+    (cache, store, device)."""
     cache, store, device = where
-    prep = group[0].req.backbone.prep
-    needed = sorted(set().union(*({int(s.req.rows[p]) for p in s.todo} for s in group)))
-    for s in group:
+    slots = [s for group in groups for s in group]
+    needed = sorted(set().union(*({int(s.req.rows[p]) for p in s.todo} for s in slots)))
+    for s in slots:
         prepare(s.req.backbone, device, s.path)
     log.info(
         "Extracting features of %d images with %s on %s.",
         len(needed),
-        ", ".join(dict.fromkeys(f"{s.req.backbone.name} ({s.path.describe()})" for s in group)),
+        ", ".join(dict.fromkeys(f"{s.req.backbone.name} ({s.path.describe()})" for s in slots)),
         device,
     )
-    bar = tqdm(total=len(needed), desc=f"features {prep.input_size}px", unit="img",
+    sizes = "/".join(str(g[0].req.backbone.prep.input_size) for g in groups)
+    bar = tqdm(total=len(needed), desc=f"features {sizes}px", unit="img",
                disable=not o.progress)  # fmt: skip
     for start in range(0, len(needed), CHUNK_IMAGES):
         block = needed[start : start + CHUNK_IMAGES]
         fresh = [r for r in block if r in report.to_hash]
-        done = _run_block(paths, ids, block, group, device, report, o)
+        done = _run_block(paths, ids, block, groups, device, report, o)
         bar.update(len(block))
         if cache is not None:
-            _save_block(cache, ids, paths, block, done, group, report)
+            _save_block(cache, ids, paths, block, done, slots, report)
         # block by block, like the features: a run stopped later keeps them
         store.remember_pixels([(ids[r], *report.pixels[r]) for r in fresh if r in report.pixels])
     bar.close()
 
 
-def _stained_dataset(paths, ids, block, group, stain, to_hash: set[int]) -> StainedImages:
-    """The block's images, each with as many stain views as some request needs of it (and
-    a pixel hash for the rows in `to_hash`)."""
+def _stained_dataset(paths, ids, block, groups, stain, to_hash: set[int]) -> StainedImages:
+    """The block's images, each decoded once to every group's size with as many stain views
+    as some request needs of it (and a pixel hash for the rows in `to_hash`)."""
     n_views = np.ones(len(paths), dtype=np.int64)
-    for s in group:
+    for s in (s for group in groups for s in group):
         rows = s.req.rows[s.todo]
         n_views[rows] = np.maximum(n_views[rows], s.req.stain_view + 1)
-    return StainedImages([paths[i] for i in block], decode_transform(group[0].req.backbone.prep),
-                         stain, [ids[i] or paths[i] for i in block],
-                         n_views[block].tolist(), labels=block,
-                         hash_pixels=[i in to_hash for i in block])  # fmt: skip
+    sizes = DecodeSizes([group[0].req.backbone.prep for group in groups])
+    keys = [ids[i] or paths[i] for i in block]
+    return StainedImages([paths[i] for i in block], sizes, stain, keys, n_views[block].tolist(),
+                         labels=block, hash_pixels=[i in to_hash for i in block])  # fmt: skip
 
 
-def _run_block(paths, ids, block, group, device, report, o: ExtractOptions) -> dict:
-    """Decode (and stain) each image of `block` once; every view of every backbone from it."""
-    prep, strict = group[0].req.backbone.prep, o.strict
-    ds = _stained_dataset(paths, ids, block, group, o.stain, report.to_hash)
-    pos_of = []
+def _positions(paths, group) -> list[torch.Tensor]:
+    """Per request of the group: image row -> its position among the request's rows (-1: not
+    wanted now)."""
+    out = []
     for s in group:
         pos = np.full(len(paths), -1, dtype=np.int64)
         pos[s.req.rows[s.todo]] = s.todo
-        pos_of.append(torch.from_numpy(pos))
+        out.append(torch.from_numpy(pos))
+    return out
+
+
+def _run_block(paths, ids, block, groups, device, report, o: ExtractOptions) -> dict:
+    """Decode (and stain) each image of `block` once; every size, view and backbone from it."""
+    strict, largest = o.strict, max(g[0].req.backbone.prep.input_size for g in groups)
+    ds = _stained_dataset(paths, ids, block, groups, o.stain, report.to_hash)
+    pos_of = [_positions(paths, group) for group in groups]
     failed: dict[int, str] = {}
     loader = make_loader(
         ds, batch_size=o.batch_size, workers=o.workers, collate_fn=collate_hashed, device=device
@@ -297,9 +306,9 @@ def _run_block(paths, ids, block, group, device, report, o: ExtractOptions) -> d
         for i, msg in notes:
             _note(report, block[i], msg, strict)
         report.decodes += len(rows) + len(bad)
-        report.upscaled += sum(1 for w, h in sizes if min(w, h) < prep.input_size)
-        if x is not None:
-            _run_views(x.to(device, non_blocking=True), rows, group, pos_of, report)
+        report.upscaled += sum(1 for w, h in sizes if min(w, h) < largest)
+        for xg, group, pos in zip(x or (), groups, pos_of, strict=False):
+            _run_views(xg.to(device, non_blocking=True), rows, group, pos, report)
     return failed
 
 
@@ -322,10 +331,10 @@ def _run_views(x, rows, group, pos_of, report) -> None:
             report.images_extracted += int(keep.sum())
 
 
-def _save_block(cache, ids, paths, block, failed, group, report) -> None:
+def _save_block(cache, ids, paths, block, failed, slots, report) -> None:
     """The block's features, chunk by chunk; a request's rows in the block found in one
     vectorised pass (a Python scan of every image per block grew with the square of them)."""
-    for s in group:
+    for s in slots:
         todo = np.asarray(s.todo, dtype=np.int64)
         in_block = todo[np.isin(s.req.rows[todo], np.asarray(block, dtype=np.int64))]
         positions = [int(p) for p in in_block if ids[s.req.rows[p]] is not None]
