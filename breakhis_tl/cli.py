@@ -17,6 +17,10 @@ WORKERS_HELP = (
     "DataLoader worker processes (default: cores - 1, at most 4, at least 2 on 2+ cores; "
     "feeding a GPU, cores - 1 as memory allows)"
 )
+EXTRACT_BATCH_HELP = (
+    "images per extraction batch (default 32); a foundation model runs it in chunks of at "
+    "most its preset's batch"
+)
 
 
 def _number(kind: type, low: float, low_ok: bool, high: float | None, rule: str):
@@ -277,6 +281,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         "kernels and the features match fp32, else fp32), fp32 or bf16",
     )
     p.add_argument("--workers", type=nonneg_int, default=None, help=WORKERS_HELP)
+    p.add_argument("--extract-batch", type=positive_int, default=32, help=EXTRACT_BATCH_HELP)
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
     p.add_argument("--run", default=None, help="run name (default: a timestamp)")
     p.add_argument(
@@ -309,6 +314,7 @@ def _add_extract(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
     p.add_argument("--workers", type=nonneg_int, default=None, help=WORKERS_HELP)
+    p.add_argument("--extract-batch", type=positive_int, default=32, help=EXTRACT_BATCH_HELP)
     p.add_argument("--cache-dir", default=None, help="feature cache (default <out>/data/cache)")
     p.add_argument("--out", default=".", help="folder holding data/ (default: .)")
 
@@ -459,7 +465,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         strict=args.strict,
         device=args.device, precision=args.precision, run=args.run, overwrite=args.overwrite,
         out=args.out,
-        cache_dir=args.cache_dir, workers=args.workers,
+        cache_dir=args.cache_dir, workers=args.workers, extract_batch=args.extract_batch,
         train=TrainConfig(
             head=args.head, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -523,7 +529,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         val_frac=args.val_frac, test_frac=args.test_frac, views=args.views, strict=args.strict,
         stain=args.stain, stain_ref=args.stain_ref, stain_views=args.stain_views,
         input_size=args.input_size, device=args.device, precision=args.precision, out=args.out,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, extract_batch=args.extract_batch,
         workers=args.workers, train=TrainConfig(seed=args.seed),
     )  # fmt: skip
     done = run_extraction(cfg, shard)

@@ -234,6 +234,25 @@ def test_decode_once_for_all_input_sizes(lite0, sample_paths):
     assert torch.equal(alone[0], out[2][0])
 
 
+def test_backbone_runs_the_batch_in_chunks_of_its_own_size(lite0, sample_paths, monkeypatch):
+    """A foundation preset's batch caps what one forward sees, whatever the loader's batch."""
+    import breakhis_tl.features.extract as ex
+    from breakhis_tl.models.foundation import PRESETS, max_batch
+
+    assert max_batch("uni") == PRESETS["uni"].batch_size and max_batch("resnet50") is None
+    seen = []
+    real = ex.run_backbone
+    monkeypatch.setattr(ex, "run_backbone", lambda bb, x, p: seen.append(len(x)) or real(bb, x, p))
+    req = [Request(lite0, 0, np.arange(5))]
+    (whole,), _ = extract(sample_paths, req, None, workers=0, progress=False, batch_size=32)
+    assert seen == [5]
+    monkeypatch.setattr(ex, "max_batch", lambda name: 2)
+    seen.clear()
+    (chunked,), _ = extract(sample_paths, req, None, workers=0, progress=False, batch_size=32)
+    assert seen == [2, 2, 1]
+    assert torch.allclose(whole[0].float(), chunked[0].float(), atol=2e-2)
+
+
 def test_broken_image_skipped_or_strict(lite0, sample_paths, tmp_path, caplog):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")

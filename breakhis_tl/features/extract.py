@@ -31,6 +31,7 @@ from breakhis_tl.models.compute import (  # noqa: F401 (re-exported: the extract
     prepare,
     run_backbone,
 )
+from breakhis_tl.models.foundation import max_batch
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,9 @@ def _run_views(x, rows, group, pos_of, report) -> None:
             nk = (bb.prep.mean, bb.prep.std)
             if nk not in normalized:
                 normalized[nk] = normalize(xv, bb.prep)
-            f = run_backbone(bb, normalized[nk][keep], s.path)
+            xb, step = normalized[nk][keep], max_batch(bb.name) or len(keep)
+            f = torch.cat([run_backbone(bb, xb[i : i + step], s.path)
+                           for i in range(0, len(xb), step)])  # fmt: skip
             s.feats[where[keep]] = f.to("cpu", torch.float16)
             s.ok[where[keep]] = True
             report.images_extracted += int(keep.sum())

@@ -625,6 +625,12 @@ def _url_file(name: str, url: str) -> Path:
 # --------------------------------------------------------------------------- memory hints
 
 
+def max_batch(name: str) -> int | None:
+    """The most images a preset runs at once (None for every other backbone): a ViT-g's
+    activations at the loader's batch could exhaust the machine's memory."""
+    return PRESETS[name].batch_size if name in PRESETS else None
+
+
 def peak_memory_estimate(name: str, batch: int) -> int:
     """Bytes of CPU memory one fp32 forward needs: runtime, weights and, per image, the live
     activations of one block (input, qkv, two attention maps, two MLP hidden maps) doubled
