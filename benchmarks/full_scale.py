@@ -14,7 +14,8 @@ includes start-up and imports as a user pays them.
     python benchmarks/full_scale.py --small --device cpu     # 200 + 1,500 images: minutes
 
 Rows: tree_breakhis, tree_idc (building the trees; reused when complete), index_breakhis,
-index_idc (`index.build_index`), train_breakhis_cold (fresh feature cache),
+index_idc (`index.build_index`), ids_breakhis, ids_idc (content ids into a new store),
+train_breakhis_cold (fresh feature cache),
 train_breakhis_warm (the same cache), extract_breakhis (lite0, fresh cache) and
 train_idc_cold. A command's row carries its own "Time per stage" split under `stages`.
 """
@@ -125,6 +126,7 @@ def plan_stages(args: argparse.Namespace, work: Path, roots: dict, counts: dict)
 def build_trees(args: argparse.Namespace, work: Path) -> tuple[dict, dict, list[dict]]:
     """Both trees (reused when complete) and the index of each, timed: their roots, image
     counts (by the index) and rows."""
+    from breakhis_tl.data.identity import ImageStore
     from breakhis_tl.data.index import build_index
 
     layout = pd.read_csv(SHARED_DATA / "breakhis_layout.csv")["path"].tolist()
@@ -152,8 +154,13 @@ def build_trees(args: argparse.Namespace, work: Path) -> tuple[dict, dict, list[
     for name, root in roots.items():
         reset_peak_rss()
         t0 = time.perf_counter()
-        counts[name] = len(build_index(root, name))
+        paths = build_index(root, name)["path"].tolist()
+        counts[name] = len(paths)
         rows.append(row(f"index_{name}", name, counts[name], time.perf_counter() - t0))
+        t0 = time.perf_counter()  # what every command's first extraction pays, into a new store
+        ImageStore(work / f"ids_{name}.sqlite.tmp").content_ids(paths)
+        rows.append(row(f"ids_{name}", name, counts[name], time.perf_counter() - t0))
+        (work / f"ids_{name}.sqlite.tmp").unlink()
     return roots, counts, rows
 
 

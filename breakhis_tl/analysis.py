@@ -202,7 +202,7 @@ def few_patients_caveat(n_patients: int, selected: bool = False) -> str:
     if n_patients < FEW_PATIENTS:
         notes.append(f"only {n_patients} patients: a rough range")
     if selected:
-        notes.append("val picked the epoch: optimistic")
+        notes.append("val helped pick the model: optimistic")
     return "; ".join(notes)
 
 

@@ -85,7 +85,8 @@ def compute_metrics(
 
 
 def split_label(split: str) -> str:
-    """The side that picked the epoch is named so in every table: its score is optimistic."""
+    """The side that helped pick the model (its epoch, or the probe's C) is named so in
+    every table: its score is optimistic."""
     return "val (selected)" if split == "val" else split
 
 

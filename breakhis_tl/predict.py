@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 
 from breakhis_tl.data.dataset import collate_noted, default_workers
 from breakhis_tl.data.images import ImageError, as_rgb
-from breakhis_tl.data.index import BREAKHIS_NAME, IDC_CLASSES, IDC_NAME, accession_of, patient_of
+from breakhis_tl.data.index import (
+    BREAKHIS_NAME,
+    IDC_CLASSES,
+    IDC_NAME,
+    accession_of,
+    image_files,
+    patient_of,
+)
 from breakhis_tl.data.stain import StainSetup
 from breakhis_tl.data.transforms import (
     N_VIEWS,
@@ -58,9 +65,7 @@ def expand_inputs(inputs: Input | Iterable[Input]) -> list[Input]:
             continue
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            )
+            found = image_files(path, IMAGE_SUFFIXES)
             if not found:
                 raise UserError(f"No images found in folder {path}.")
             out.extend(str(p) for p in found)

@@ -668,7 +668,7 @@ SUMMARY_METRICS = ("balanced_accuracy", "image_rate", "patient_rate", "f1", "auc
 
 def summary_table(results: pd.DataFrame) -> str:
     """Mean (and +/- std over folds and repeats, where there are several) per architecture
-    and split; the split that picked the epoch reads `val (selected)`."""
+    and split; the split that helped pick the model reads `val (selected)`."""
     if results.empty:
         return "(no results)"
     return fold_table(results, SUMMARY_METRICS).to_string(index=False)

@@ -135,6 +135,20 @@ def test_random_weights_feature_space_follows_the_initialising_library(lite0, mo
     assert feature_space(lite0, 0, fp) == pretrained  # pretrained weights: no such part
 
 
+def test_content_ids_in_worker_blocks_equal_one_by_one(idc_sample, tmp_path):
+    """Many files go to loader workers in blocks; the ids (and a missing file's None) are the
+    ones a plain loop gives, in the caller's order."""
+    from breakhis_tl.data import identity
+
+    paths = [str(p) for p in sorted(idc_sample.rglob("*.png"))[:40]]
+    paths.insert(7, str(tmp_path / "gone.png"))
+    want = [None if "gone" in p else identity.content_id(p) for p in paths]
+    assert identity._in_blocks(identity._content_ids, paths, size=4) == want  # 2 workers
+    assert identity._in_blocks(identity._content_ids, paths, size=64) == want  # in-process
+    store = ImageStore(tmp_path / "i.sqlite")
+    assert store.content_ids(paths) == want == store.content_ids(paths)  # hashed, then read
+
+
 def test_content_id_sees_a_change_with_same_size_and_mtime(sample_paths, tmp_path):
     store = ImageStore(tmp_path / "images.sqlite")
     copy = tmp_path / "a.png"

@@ -185,6 +185,7 @@ def _check_full_scale_small(records: list[dict]) -> None:
     assert not [r for r in records if "gpu_util_mean" in r or "gpu_peak_mib" in r]
     by = {r["stage"]: r for r in records}
     assert by["index_breakhis"]["images"] == 200 and by["index_idc"]["images"] == 1500
+    assert by["ids_breakhis"]["images"] == 200 and by["ids_idc"]["images"] == 1500
     for stage in ("train_breakhis_cold", "train_breakhis_warm", "train_idc_cold"):
         assert {"features", "heads"} <= set(by[stage]["stages"]), stage
         assert by[stage]["command"].startswith("python -m breakhis_tl train")
@@ -509,6 +510,6 @@ def test_full_scale_reads_stage_times_budget_shares_and_gpu_samples(tmp_path, mo
     assert gpu.summary() == {}
 
 
-FULL_SCALE_STAGES = ["tree_breakhis", "tree_idc", "index_breakhis", "index_idc",
-                     "train_breakhis_cold", "train_breakhis_warm", "extract_breakhis",
-                     "train_idc_cold"]  # fmt: skip
+FULL_SCALE_STAGES = ["tree_breakhis", "tree_idc", "index_breakhis", "ids_breakhis",
+                     "index_idc", "ids_idc", "train_breakhis_cold", "train_breakhis_warm",
+                     "extract_breakhis", "train_idc_cold"]  # fmt: skip

@@ -54,6 +54,25 @@ def test_index_shows_the_given_paths_and_keys_them_by_the_real_ones(
         assert via_link["relpath"].str.startswith("BreaKHis_v1/histology_slides/").all()
 
 
+def test_a_tree_of_linked_patient_folders_is_indexed_whole(linked_data, tmp_path):
+    """IDC assembled from one link per patient folder (and one patient reached twice): every
+    patch found once, a link back to the tree walked once."""
+    real = linked_data("idc_real").resolve()
+    patients = sorted(p for p in real.iterdir() if p.is_dir())[:5]
+    tree = tmp_path / "idc_links"
+    tree.mkdir()
+    for p in patients:
+        (tree / p.name).symlink_to(p, target_is_directory=True)
+    (tree / "loop").symlink_to(tree, target_is_directory=True)  # walked once, not forever
+    got = build_index(tree, "idc")
+    want = sum(len(list(p.rglob("*.png"))) for p in patients)
+    assert len(got) == want and got["relpath"].is_unique
+    assert set(got["patient"].astype(str)) == {p.name for p in patients}
+    from breakhis_tl.data.index import image_files
+
+    assert len(image_files(tree)) == want
+
+
 @pytest.mark.parametrize(
     "written, read",
     [("link at", "real"), ("real", "link at"), ("link above", "real"), ("real", "link above")],

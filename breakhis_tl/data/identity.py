@@ -35,6 +35,55 @@ def _stat_key(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
+def _stat_keys(paths: list[str]) -> list[str | None]:
+    out: list[str | None] = []
+    for p in paths:
+        try:
+            out.append(_stat_key(p))
+        except OSError:
+            out.append(None)
+    return out
+
+
+def _content_ids(paths: list[str]) -> list[str | None]:
+    out: list[str | None] = []
+    for p in paths:
+        try:
+            out.append(content_id(p))
+        except OSError:
+            out.append(None)
+    return out
+
+
+class _Blocks:
+    """fn over items, a block of `size` per item: a loader task per file costs more than a
+    stat or a hash of a small file."""
+
+    def __init__(self, fn, items: list, size: int) -> None:
+        self.fn, self.items, self.size = fn, items, size
+
+    def __len__(self) -> int:
+        return -(-len(self.items) // self.size)
+
+    def __getitem__(self, i: int) -> list:
+        return self.fn(self.items[i * self.size : (i + 1) * self.size])
+
+
+def _in_blocks(fn, items: list, bar=None, size: int = 2048) -> list:
+    """fn over items on every core (threads would queue on the GIL) when there are enough."""
+    from torch.utils.data import DataLoader
+
+    from breakhis_tl.data.images import usable_cores
+
+    workers = min(8, usable_cores()) if len(items) >= 4 * size else 0
+    out: list = []
+    for part in DataLoader(_Blocks(fn, items, size), batch_size=None, num_workers=workers):
+        out += part
+        if bar is not None:
+            bar.update(len(part))
+    return out
+
+
 def store_keys(paths: Sequence[str]) -> list[str]:
     """The paths content ids are remembered under: each file's folder resolved, so a file
     reached through a link to the data and through the real folder is one file, read once
@@ -92,29 +141,23 @@ class ImageStore:
         return self._db
 
     def content_ids(self, paths: Sequence[str], progress: bool = False) -> list[str | None]:
-        """Content id per path (None for a missing file); only new or changed files are read."""
+        """Content id per path (None for a missing file); only new or changed files are read,
+        on every core for a large dataset."""
         db = self._conn()
-        out: list[str | None] = []
-        new = []
         keys = store_keys(paths)
-        for p, key in tqdm(zip(paths, keys, strict=True), desc="content ids", unit="file",
-                           total=len(paths), disable=not progress, leave=False):  # fmt: skip
-            try:
-                stat = _stat_key(p)
-            except OSError:
-                out.append(None)
-                continue
-            row = db.execute(
-                "SELECT id FROM content WHERE path = ? AND stat = ?", (key, stat)
-            ).fetchone()
-            if row is None:
-                try:
-                    row = (content_id(p),)
-                except OSError:
-                    out.append(None)
-                    continue
-                new.append((key, stat, row[0]))
-            out.append(row[0])
+        known = {(p, st): i for p, st, i in db.execute("SELECT path, stat, id FROM content")}
+        stats = _in_blocks(_stat_keys, list(paths))
+        out = [known.get((k, st)) if st else None for k, st in zip(keys, stats, strict=True)]
+        todo = [i for i, (st, cid) in enumerate(zip(stats, out, strict=True)) if st and not cid]
+        bar = tqdm(desc="content ids", unit="file", total=len(todo), disable=not progress,
+                   leave=False)  # fmt: skip
+        ids = _in_blocks(_content_ids, [paths[i] for i in todo], bar)
+        bar.close()
+        new = []
+        for i, cid in zip(todo, ids, strict=True):
+            out[i] = cid
+            if cid is not None:
+                new.append((keys[i], stats[i], cid))
         if new:
             with db:
                 db.executemany("INSERT OR REPLACE INTO content VALUES (?, ?, ?)", new)

@@ -7,6 +7,7 @@ so the index never opens an image: indexing 7,909 files takes well under a secon
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -54,12 +55,38 @@ def accession_of(slide: str) -> str:
     return m[0] if m else slide
 
 
-def _image_files(root: Path) -> list[Path]:
+def image_files(root: Path, suffixes: set[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Image files under `root`, in path order, through linked subfolders too (a dataset
+    assembled from links, one per patient, is common; `Path.rglob` skips them before Python
+    3.13), each folder once however many links reach it."""
+    return [Path(p) for p in _walk(str(root), suffixes)]
+
+
+def _walk(root: str, suffixes: set[str]) -> list[str]:
+    """`image_files` as strings: at IDC's 277,524 files, Path objects cost seconds."""
+    seen, out, todo = set(), [], [root]
+    while todo:
+        folder = todo.pop()
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_dir():
+                    todo.append(e.path)
+                elif os.path.splitext(e.name)[1].lower() in suffixes and e.is_file():
+                    out.append(e.path)
+    out.sort(key=lambda p: p.split(os.sep))  # Path order: part by part
+    return out
+
+
+def _image_files(root: Path) -> list[str]:
     if not root.exists():
         raise UserError(f"Data folder {root} does not exist.")
     if not root.is_dir():
         raise UserError(f"Data path {root} is not a folder.")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = _walk(str(root), IMAGE_SUFFIXES)
     if not files:
         raise UserError(
             f"No PNG images found under {root}; point --data at the folder holding the dataset."
@@ -84,15 +111,20 @@ def data_roots(data: str | Path) -> tuple[Path, Path]:
     return root, root.resolve()
 
 
-def file_key(path: Path, root: Path, real: Path) -> str:
-    """`relative_key` of a file found under `root`, computed on the resolved folder: the
-    same key through any link to the data (root's `data_roots`)."""
-    return relative_key(real / path.relative_to(root), real)
+def file_key(path: str, root: Path, real: Path) -> str:
+    """`relative_key` of a file found under `root` (a path string beginning with it),
+    computed on the resolved folder: the same key through any link to the data (root's
+    `data_roots`)."""
+    rel = path[len(str(root)) :].lstrip(os.sep).split(os.sep)
+    parts = [*real.parts, *rel]
+    if "BreaKHis_v1" in parts:
+        return "/".join(parts[parts.index("BreaKHis_v1") :])
+    return "/".join(rel)
 
 
-def _report_unparsed(bad: list[Path], dataset: str) -> None:
+def _report_unparsed(bad: list[str], dataset: str) -> None:
     if bad:
-        names = ", ".join(p.name for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        names = ", ".join(map(os.path.basename, bad[:5])) + (" ..." if len(bad) > 5 else "")
         log.warning(
             "%d PNG file(s) do not follow the %s naming and were left out: %s",
             len(bad),
@@ -101,9 +133,9 @@ def _report_unparsed(bad: list[Path], dataset: str) -> None:
         )
 
 
-def _mostly(files: list[Path], pattern: re.Pattern) -> bool:
+def _mostly(files: list[str], pattern: re.Pattern) -> bool:
     """Whether most files are named like the other dataset: the error then names the fix."""
-    return sum(bool(pattern.match(p.name)) for p in files) * 2 > len(files)
+    return sum(bool(pattern.match(os.path.basename(p))) for p in files) * 2 > len(files)
 
 
 def index_breakhis(data: str | Path) -> pd.DataFrame:
@@ -115,7 +147,8 @@ def index_breakhis(data: str | Path) -> pd.DataFrame:
     root, real = data_roots(data)
     rows, bad = [], []
     for path in _image_files(root):
-        m = BREAKHIS_NAME.match(path.name)
+        name = os.path.basename(path)
+        m = BREAKHIS_NAME.match(name)
         code = m["subtype"].upper() if m else None
         if not m or code not in SUBTYPES or int(m["mag"]) not in MAGNIFICATIONS:
             bad.append(path)
@@ -126,16 +159,16 @@ def index_breakhis(data: str | Path) -> pd.DataFrame:
             continue
         rows.append(
             {
-                "path": str(path),
+                "path": path,
                 "relpath": file_key(path, root, real),
-                "filename": path.name,
+                "filename": name,
                 "label": "benign" if benign else "malignant",
                 "subtype": code,
                 "subtype_name": SUBTYPES[code],
                 "magnification": int(m["mag"]),
                 "patient": m["slide"].upper(),
                 "slide": m["slide"].upper(),
-                "slide_folder": path.parent.parent.name,
+                "slide_folder": os.path.basename(os.path.dirname(os.path.dirname(path))),
             }
         )
     _report_unparsed(bad, "BreakHis")
@@ -161,18 +194,19 @@ def index_idc(data: str | Path) -> pd.DataFrame:
     root, real = data_roots(data)
     rows, bad, mismatched = [], [], []
     for path in _image_files(root):
-        m = IDC_NAME.match(path.name)
+        name, folder = os.path.basename(path), os.path.basename(os.path.dirname(path))
+        m = IDC_NAME.match(name)
         if not m:
             bad.append(path)
             continue
-        if path.parent.name in ("0", "1") and path.parent.name != m["cls"]:
+        if folder in ("0", "1") and folder != m["cls"]:
             mismatched.append(path)
             continue
         rows.append(
             {
-                "path": str(path),
+                "path": path,
                 "relpath": file_key(path, root, real),
-                "filename": path.name,
+                "filename": name,
                 "label": IDC_CLASSES[int(m["cls"])],
                 "patient": m["patient"],
                 "slide": m["patient"],
@@ -186,7 +220,7 @@ def index_idc(data: str | Path) -> pd.DataFrame:
             "%d IDC patch(es) sit in a class folder that disagrees with their name and were "
             "left out: %s",
             len(mismatched),
-            ", ".join(p.name for p in mismatched[:5]),
+            ", ".join(os.path.basename(p) for p in mismatched[:5]),
         )
     if not rows:
         hint = (

@@ -469,8 +469,9 @@ def fit_logreg_cv(
     them. The test side is never seen. `train` and `val`: (features, labels, patients), the
     features an array or tensor of any float dtype. Returns the head, its history (one row
     per C, with out-of-fold metrics on the validation images) and the out-of-fold
-    probabilities of the validation images at the chosen C: the honest `val (selected)`
-    score, since the refit head has seen those images. A Ctrl-C (`hooks.should_stop`) ends
+    probabilities of the validation images at the chosen C: their `val (selected)` score,
+    optimistic (C was chosen on out-of-fold scores that include them) but not the refit
+    head's own, which has seen those images. A Ctrl-C (`hooks.should_stop`) ends
     the C path at once; the best candidate finished so far is refit."""
     from sklearn.model_selection import StratifiedGroupKFold
 
