@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "patches of 20 patients, 64 px: the same pipeline on a CPU")  # fmt: skip
     p.add_argument("--budget", type=positive, default=None, help="seconds for the whole run: "
                    "each command gets its share, and is stopped at it")  # fmt: skip
+    p.add_argument("--trees-only", nargs="?", const="breakhis,idc", default=None,
+                   help="the trees, index and content ids only (of breakhis, idc or both): "
+                   "the data side at full size, on any machine")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -141,6 +144,9 @@ def build_trees(args: argparse.Namespace, work: Path) -> tuple[dict, dict, list[
     }  # fmt: skip
     roots = {"breakhis": work / f"breakhis_{n_breakhis}", "idc": work / f"idc_{n_idc}_{patients}"}
     rows, counts = [], {}
+    wanted = (args.trees_only or "breakhis,idc").split(",")
+    builds = {k: v for k, v in builds.items() if k in wanted}
+    roots = {k: v for k, v in roots.items() if k in wanted}
     for name, build in builds.items():
         before = stamp_time(roots[name])
         reset_peak_rss()
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {**machine(args.device), "small": args.small}
     for r in rows:
         emit({**r, **info})
-    todo = plan_stages(args, work, roots, counts)
+    todo = [] if args.trees_only else plan_stages(args, work, roots, counts)
     failed = False
     while todo:
         limit = share(args.budget, start, todo)

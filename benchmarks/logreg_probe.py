@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import emit, machine, parser, spread, workdir
+from common import emit, hwm_mib, machine, parser, reset_peak_rss, rss_mib, spread, workdir
 
 from breakhis_tl.heads import logreg, training
 from breakhis_tl.heads.training import LOGREG_C, TrainConfig
@@ -74,8 +74,9 @@ def baseline(rev: str) -> types.ModuleType:
     return module
 
 
-def one_fit(fit, x, y, g, device) -> tuple[float, float, list[int]]:
-    """Seconds, chosen C and L-BFGS iterations per solve (this code only) of one head."""
+def one_fit(fit, x, y, g, device) -> tuple[float, float, list[int], float]:
+    """Seconds, chosen C, L-BFGS iterations per solve (this code only) of one head, and the
+    MiB of host memory it added at its peak to what the caller held (its features)."""
     val = np.isin(g, np.unique(g)[-max(2, len(np.unique(g)) // 7) :])  # some patients as val
     iters = []
     real = logreg.solve
@@ -88,13 +89,14 @@ def one_fit(fit, x, y, g, device) -> tuple[float, float, list[int]]:
     logreg.solve = counted
     kw = {"device": device} if fit is training.fit_logreg_cv else {}
     try:
+        before, _ = rss_mib(), reset_peak_rss()
         t0 = time.perf_counter()
         _, res, _ = fit((x[~val], y[~val], g[~val]), (x[val], y[val], g[val]),
                         ["non_idc", "idc"], TrainConfig(), **kw)  # fmt: skip
         seconds = time.perf_counter() - t0
     finally:
         logreg.solve = real
-    return seconds, LOGREG_C[res.best_epoch - 1], iters
+    return seconds, LOGREG_C[res.best_epoch - 1], iters, hwm_mib() - before
 
 
 def main() -> None:
@@ -120,13 +122,15 @@ def main() -> None:
             names = list(impls)[r % len(impls) :] + list(impls)[: r % len(impls)]
             for name in names:
                 got[name].append(one_fit(impls[name], *data, args.device))
-        base = np.median([s for s, _, _ in got["sklearn"]]) if "sklearn" in got else None
+        base = np.median([r[0] for r in got["sklearn"]]) if "sklearn" in got else None
         for name, runs in got.items():
-            seconds = [s for s, _, _ in runs]
+            seconds = [r[0] for r in runs]
             emit({"benchmark": "logreg_probe", **machine(args.device), "impl": name,
                   "rows": rows, "dim": x.shape[1], "runs": len(runs),
                   "seconds": spread(seconds)["median"], "spread": spread(seconds),
-                  "chosen_C": sorted({c for _, c, _ in runs}), "lbfgs_iterations": runs[0][2],
+                  "chosen_C": sorted({r[1] for r in runs}), "lbfgs_iterations": runs[0][2],
+                  "features_mib": round(x.nbytes * rows / len(x) / 2**20),
+                  "added_peak_mib": round(max(r[3] for r in runs)),
                   "vs_baseline": round(base / np.median(seconds), 2) if base else None,
                   "target_seconds": 10.0 if rows >= 7909 else None})  # fmt: skip
     sys.stdout.flush()

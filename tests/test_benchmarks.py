@@ -482,6 +482,16 @@ def test_full_scale_idc_tree_has_the_kaggle_names_and_varied_class_shares(tmp_pa
     assert per["size"].max() > 3 * per["size"].min()
 
 
+def test_full_scale_trees_only_times_the_data_side(tmp_path, capsys):
+    """`--trees-only idc`: the IDC tree, its index and content ids, and no command."""
+    fs = _bench("full_scale")
+    assert fs.main(["--small", "--trees-only", "idc", "--workdir", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["stage"] for r in rows] == ["tree_idc", "index_idc", "ids_idc"]
+    assert all(r["images"] == 1500 and r["seconds"] > 0 for r in rows)
+    assert not list(tmp_path.glob("*.sqlite*"))  # the timed store is removed
+
+
 def test_full_scale_reads_stage_times_budget_shares_and_gpu_samples(tmp_path, monkeypatch):
     """The log line `train` prints, the budget's shares, and utilisation read from a
     stand-in nvidia-smi (none at all: no GPU fields)."""
