@@ -4,7 +4,8 @@ backbone: img/s of one decode per image resized to every input size of `--archs`
 `data.images.load_rgb` uses (pyspng where installed) and with Pillow.
 
 The four variants run interleaved in rotating order, `--repeats` rounds, with the loader's
-workers (`--workers`, default: as extraction on `--device`); img/s is the median with
+workers (`--workers`, default: as extraction on `--device`; the Pillow rows need the fork
+start method, Linux's, for the workers to see pyspng switched off); img/s is the median with
 [min, max], ratios are of medians. With the most workers a machine has, this is the rate
 extraction cannot beat however fast the backbones are.
 

@@ -94,7 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trees-only", nargs="?", const="breakhis,idc", default=None,
                    help="the trees, index and content ids only (of breakhis, idc or both): "
                    "the data side at full size, on any machine")  # fmt: skip
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.trees_only and not set(args.trees_only.split(",")) <= {"breakhis", "idc"}:
+        p.error(f"--trees-only takes breakhis, idc or both, not {args.trees_only!r}")
+    return args
 
 
 def plan_stages(args: argparse.Namespace, work: Path, roots: dict, counts: dict) -> list[Stage]:
@@ -163,10 +166,13 @@ def build_trees(args: argparse.Namespace, work: Path) -> tuple[dict, dict, list[
         paths = build_index(root, name)["path"].tolist()
         counts[name] = len(paths)
         rows.append(row(f"index_{name}", name, counts[name], time.perf_counter() - t0))
+        store = work / f"ids_{name}.sqlite.tmp"
+        store.unlink(missing_ok=True)  # a killed run's store would make this row warm
+        reset_peak_rss()
         t0 = time.perf_counter()  # what every command's first extraction pays, into a new store
-        ImageStore(work / f"ids_{name}.sqlite.tmp").content_ids(paths)
+        ImageStore(store).content_ids(paths)
         rows.append(row(f"ids_{name}", name, counts[name], time.perf_counter() - t0))
-        (work / f"ids_{name}.sqlite.tmp").unlink()
+        store.unlink()
     return roots, counts, rows
 
 

@@ -235,13 +235,13 @@ def prepare_data(cfg: RunConfig, task: str, classes: list[str], selecting: bool 
     return Data(plan, images, y, {})
 
 
-def pictures_known(data: Data, store: ImageStore) -> bool:
+def pictures_known(data: Data, store: ImageStore, workers: int | None = None) -> bool:
     """Whether every image's pixel hash is remembered: then the leakage check costs nothing
     and goes first; else a run with an extraction pass checks after it, the pass hashing in
     its own decode (the split does not depend on the hashes, and no head comes before the
     check), so a twin across sides then stops the run after the extraction (kept in the
     cache, lost under --no-cache)."""
-    ids = store.content_ids(data.images["path"].tolist())
+    ids = store.content_ids(data.images["path"].tolist(), workers=workers)
     known = store.known_pixels(ids)
     return all(i is None or i in known for i in ids)
 
@@ -421,7 +421,7 @@ def run_extraction(cfg: RunConfig, shard: tuple[int, int] | None = None) -> dict
     s = set_up(cfg, watch, selecting=False)
     # a shard hashes its own images only: the check, which needs them all, is train's
     whole = shard is None or shard[1] == 1
-    check_first = whole and pictures_known(s.data, s.store)
+    check_first = whole and pictures_known(s.data, s.store, s.cfg.workers)
     if check_first:
         check_pictures(s.cfg, s.data, s.task, s.store)
         watch.lap("duplicate check")
@@ -544,7 +544,7 @@ def run_training(cfg: RunConfig, command: str | None = None) -> RunResult:
     folders = run_folders(Path(cfg.out), run)
     s = set_up(cfg, watch, check=lambda c: check_run_name(folders, c.overwrite))
     cfg, data = s.cfg, s.data
-    check_first = headjob.runs_end_to_end(cfg) or pictures_known(data, s.store)
+    check_first = headjob.runs_end_to_end(cfg) or pictures_known(data, s.store, cfg.workers)
     if check_first:  # else after the extraction, hashed in its decode
         check_pictures(cfg, data, s.task, s.store)
         watch.lap("duplicate check")

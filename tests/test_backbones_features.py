@@ -143,8 +143,9 @@ def test_content_ids_in_worker_blocks_equal_one_by_one(idc_sample, tmp_path):
     paths = [str(p) for p in sorted(idc_sample.rglob("*.png"))[:40]]
     paths.insert(7, str(tmp_path / "gone.png"))
     want = [None if "gone" in p else identity.content_id(p) for p in paths]
-    assert identity._in_blocks(identity._content_ids, paths, size=4) == want  # 2 workers
-    assert identity._in_blocks(identity._content_ids, paths, size=64) == want  # in-process
+    assert identity._in_blocks(identity._content_ids, paths, None, size=4) == want  # workers
+    assert identity._in_blocks(identity._content_ids, paths, None, size=64) == want  # in-process
+    assert identity._in_blocks(identity._content_ids, paths, 0, size=4) == want
     store = ImageStore(tmp_path / "i.sqlite")
     assert store.content_ids(paths) == want == store.content_ids(paths)  # hashed, then read
 
@@ -246,6 +247,13 @@ def test_decode_once_for_all_input_sizes(lite0, sample_paths):
     assert rep.decodes == 5 and torch.equal(alone[0], out[-1][0])
     (alone,), _ = extract(sample_paths, [reqs[2]], None, workers=0, progress=False)
     assert torch.equal(alone[0], out[2][0])
+    # and the pixels are those of a decode per size, which filled the caches before
+    from breakhis_tl.data.transforms import DecodeSizes
+
+    im = load_rgb(sample_paths[0])
+    both = DecodeSizes([lite0.prep, inc.prep])(im)
+    assert torch.equal(both[0], decode_transform(lite0.prep)(im))
+    assert torch.equal(both[1], decode_transform(inc.prep)(im))
 
 
 def test_backbone_runs_the_batch_in_chunks_of_its_own_size(lite0, sample_paths, monkeypatch):

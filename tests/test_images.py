@@ -143,3 +143,30 @@ def test_fast_png_decoder_leaves_other_files_to_pillow(tmp_path, breakhis_sample
     for p in (grey, deep, jpeg, cut):
         assert images._fast_png(p) is None, p
     assert np.asarray(load_rgb(deep))[0, 0, 0] == round(40000 / 65535 * 255)
+
+
+def test_a_damaged_chunk_is_refused_whichever_decoder_is_installed(tmp_path, breakhis_sample):
+    """A wrong CRC in an ancillary chunk: Pillow refuses the file, so the fast path must too
+    (which images a run reads must not depend on pyspng being installed)."""
+    from breakhis_tl.data import images
+
+    data = sorted(breakhis_sample.rglob("*.png"))[0].read_bytes()
+    n = int.from_bytes(data[33:37], "big")  # the chunk after IHDR
+    bad = bytearray(data)
+    bad[41 + n] ^= 0xFF  # its CRC
+    p = tmp_path / "badcrc.png"
+    p.write_bytes(bytes(bad))
+    assert not images._chunks_intact(bytes(bad)) and images._chunks_intact(data)
+    assert images._fast_png(p) is None
+    with pytest.raises(ImageError, match="badcrc.png is not an image that Pillow can read"):
+        load_rgb(p)
+
+
+def test_without_pyspng_pillow_gives_the_same_pixels(breakhis_sample, monkeypatch):
+    from breakhis_tl.data import images
+
+    path = sorted(breakhis_sample.rglob("*.png"))[1]
+    fast = np.asarray(load_rgb(path))
+    monkeypatch.setattr(images, "pyspng", None)
+    assert images._fast_png(path) is None
+    assert np.array_equal(np.asarray(load_rgb(path)), fast)

@@ -73,6 +73,25 @@ def test_a_tree_of_linked_patient_folders_is_indexed_whole(linked_data, tmp_path
     assert len(image_files(tree)) == want
 
 
+def test_a_folder_reached_by_link_and_for_real_is_listed_by_its_real_path(linked_data, tmp_path):
+    """Whatever order the file system lists them in (`alink` sorts first): the real folder
+    wins, so keys and split files do not change when a link is added beside the data."""
+    import shutil
+
+    from breakhis_tl.data.index import image_files
+
+    real = linked_data("idc_sample").resolve() / "8975"
+    tree = tmp_path / "idc"
+    shutil.copytree(real, tree / "8975")
+    before = build_index(tree, "idc")
+    (tree / "alink").symlink_to(tree / "8975", target_is_directory=True)
+    (tree / "up").symlink_to(tmp_path, target_is_directory=True)  # holds the root: not walked
+    after = build_index(tree, "idc")
+    assert after["path"].tolist() == before["path"].tolist()
+    assert after["relpath"].tolist() == before["relpath"].tolist()
+    assert [str(p) for p in image_files(tree)] == sorted(after["path"], key=lambda p: p.split("/"))
+
+
 @pytest.mark.parametrize(
     "written, read",
     [("link at", "real"), ("real", "link at"), ("link above", "real"), ("real", "link above")],

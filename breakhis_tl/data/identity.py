@@ -69,13 +69,19 @@ class _Blocks:
         return self.fn(self.items[i * self.size : (i + 1) * self.size])
 
 
-def _in_blocks(fn, items: list, bar=None, size: int = 2048) -> list:
-    """fn over items on every core (threads would queue on the GIL) when there are enough."""
+def _in_blocks(fn, items: list, workers: int | None, bar=None, size: int = 2048) -> list:
+    """fn over items in loader processes (threads would queue on the GIL); in this process
+    for a few blocks, or where it may start none (a daemonic pool worker)."""
+    import multiprocessing
+
     from torch.utils.data import DataLoader
 
     from breakhis_tl.data.images import usable_cores
 
-    workers = min(8, usable_cores()) if len(items) >= 4 * size else 0
+    if workers is None:
+        workers = min(8, usable_cores()) if len(items) >= 4 * size else 0
+    if multiprocessing.current_process().daemon:
+        workers = 0
     out: list = []
     for part in DataLoader(_Blocks(fn, items, size), batch_size=None, num_workers=workers):
         out += part
@@ -140,18 +146,20 @@ class ImageStore:
             self._db.executescript(SCHEMA)
         return self._db
 
-    def content_ids(self, paths: Sequence[str], progress: bool = False) -> list[str | None]:
+    def content_ids(
+        self, paths: Sequence[str], progress: bool = False, workers: int | None = None
+    ) -> list[str | None]:
         """Content id per path (None for a missing file); only new or changed files are read,
-        on every core for a large dataset."""
+        by `workers` loader processes (default: every core, for thousands of new files)."""
         db = self._conn()
         keys = store_keys(paths)
         known = {(p, st): i for p, st, i in db.execute("SELECT path, stat, id FROM content")}
-        stats = _in_blocks(_stat_keys, list(paths))
+        stats = _stat_keys(list(paths))
         out = [known.get((k, st)) if st else None for k, st in zip(keys, stats, strict=True)]
         todo = [i for i, (st, cid) in enumerate(zip(stats, out, strict=True)) if st and not cid]
         bar = tqdm(desc="content ids", unit="file", total=len(todo), disable=not progress,
                    leave=False)  # fmt: skip
-        ids = _in_blocks(_content_ids, [paths[i] for i in todo], bar)
+        ids = _in_blocks(_content_ids, [paths[i] for i in todo], workers, bar)
         bar.close()
         new = []
         for i, cid in zip(todo, ids, strict=True):
@@ -186,7 +194,7 @@ class ImageStore:
         self, paths: Sequence[str], workers: int | None = None, progress: bool = False
     ) -> list[str | None]:
         """Pixel hash per path (None for an unreadable file); decodes only unseen files."""
-        ids = self.content_ids(paths)
+        ids = self.content_ids(paths, workers=workers)
         known = self.known_pixels(ids)
         todo = [k for k, i in enumerate(ids) if i and i not in known]
         if todo:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,27 @@ except ImportError:  # optional: Pillow decodes everything, only slower
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _chunks_intact(data: bytes) -> bool:
+    """Every chunk up to IEND whole and with its CRC right: pyspng passes a bad ancillary
+    chunk that Pillow refuses, and which files a run reads must not depend on the decoder."""
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 8 + size
+        if end + 4 > len(data):
+            return False
+        if zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            return False
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos = end + 4
+    return False
+
+
 def _fast_png(path: Path) -> Image.Image | None:
-    """An 8-bit RGB PNG through pyspng (libspng: the same pixels as Pillow, in less time;
-    benchmarks/png_decoders.py); None for any other file, or one the fast decoder refuses, so
-    Pillow reads it and words its error."""
+    """A PNG that pyspng decodes to 8-bit RGB (libspng: the same pixels as Pillow, in less
+    time; benchmarks/png_decoders.py); None for any other file, or one with a damaged chunk,
+    so Pillow reads it and words its error."""
     if pyspng is None or path.suffix.lower() != ".png":
         return None
     data = path.read_bytes()
@@ -48,6 +66,8 @@ def _fast_png(path: Path) -> Image.Image | None:
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):  # Pillow's bomb check
+        return None
+    if not _chunks_intact(data):
         return None
     try:
         arr = pyspng.load(data)

@@ -57,26 +57,37 @@ def accession_of(slide: str) -> str:
 
 def image_files(root: Path, suffixes: set[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files under `root`, in path order, through linked subfolders too (a dataset
-    assembled from links, one per patient, is common; `Path.rglob` skips them before Python
-    3.13), each folder once however many links reach it."""
+    assembled from links, one per patient, is common; `Path.rglob` does not follow them)."""
     return [Path(p) for p in _walk(str(root), suffixes)]
 
 
 def _walk(root: str, suffixes: set[str]) -> list[str]:
-    """`image_files` as strings: at IDC's 277,524 files, Path objects cost seconds."""
-    seen, out, todo = set(), [], [root]
-    while todo:
-        folder = todo.pop()
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(folder) as entries:
-            for e in entries:
-                if e.is_dir():
-                    todo.append(e.path)
-                elif os.path.splitext(e.name)[1].lower() in suffixes and e.is_file():
-                    out.append(e.path)
+    """`image_files` as strings (Path objects cost seconds at IDC's size). The real folders
+    come first and each linked one after them in name order, so a folder reached both ways is
+    listed by its real path, the same on every machine; a link to a folder seen already, or
+    to one holding the root, is not followed."""
+    seen, out, todo, links = set(), [], [root], []
+    top = os.path.join(os.path.realpath(root), "")
+    while todo or links:
+        if not todo:
+            links.sort(key=lambda p: p.split(os.sep))
+        folder = todo.pop() if todo else links.pop(0)
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    if not e.is_dir():
+                        if os.path.splitext(e.name)[1].lower() in suffixes and e.is_file():
+                            out.append(e.path)
+                    elif not e.is_symlink():
+                        todo.append(e.path)
+                    elif not top.startswith(os.path.join(os.path.realpath(e.path), "")):
+                        links.append(e.path)
+        except OSError as exc:
+            log.warning("Folder %s could not be read (%s); its images are left out.", folder, exc)
     out.sort(key=lambda p: p.split(os.sep))  # Path order: part by part
     return out
 

@@ -149,7 +149,7 @@ def extract(
     device = torch.device(device)
     report = ExtractionReport()
     store = store or ImageStore(cache.root.parent / "images.sqlite" if cache else None)
-    ids = store.content_ids(paths)
+    ids = store.content_ids(paths, workers=o.workers)
     default, shard = fast_path(device, o.optimised), o.shard
     slots = [
         _lookup(req, ids, paths, cache, req.path or default, o.strict, report, o.stain)
@@ -308,8 +308,9 @@ def _run_block(paths, ids, block, groups, device, report, o: ExtractOptions) -> 
             _note(report, block[i], msg, strict)
         report.decodes += len(rows) + len(bad)
         report.upscaled += sum(1 for w, h in sizes if min(w, h) < largest)
-        for xg, group, pos in zip(x or (), groups, pos_of, strict=False):
-            _run_views(xg.to(device, non_blocking=True), rows, group, pos, report)
+        for xg, group, pos in zip(x or [None] * len(groups), groups, pos_of, strict=True):
+            if xg is not None:
+                _run_views(xg.to(device, non_blocking=True), rows, group, pos, report)
     return failed
 
 
