@@ -77,6 +77,34 @@ def test_folding_keeps_features_and_removes_batch_norm(name):
     assert all(torch.equal(v, bb.module.state_dict()[k]) for k, v in before.items())
 
 
+class _Residual(nn.Module):
+    """conv -> ReLU6 whose input also feeds the sum (must stay out of place), then
+    conv -> ReLU6 read by nothing else (may overwrite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.shared, self.last = nn.ReLU6(), nn.ReLU6()
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.shared(y) + y
+        return self.last(self.b(z)).mean((2, 3))
+
+
+def test_activations_overwrite_their_input_only_where_nothing_else_reads_it():
+    torch.manual_seed(0)
+    m = _Residual().eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded = F.fold_frozen(m)
+    assert torch.allclose(folded(x), m(x), atol=1e-6)
+    assert not folded.get_submodule("shared").inplace and folded.get_submodule("last").inplace
+    assert not m.shared.inplace and not m.last.inplace  # the original is left as built
+    lite0 = F.fold_frozen(build_backbone("efficientnet_lite0", "default").module)
+    acts = [mod for mod in lite0.modules() if isinstance(mod, nn.ReLU6)]
+    assert acts and all(a.inplace for a in acts)
+
+
 def test_lite0_static_same_padding_is_folded_into_the_convolution():
     from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
 

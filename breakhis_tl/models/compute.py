@@ -231,10 +231,29 @@ def fold_frozen(module: nn.Module) -> nn.Module:
             convs = [t for t in calls if isinstance(mods[t], (nn.Conv2d, nn.Linear))]
             if len(convs) != len(set(convs)):  # fuse() would fold one call's norm into all
                 raise ValueError("a convolution is called more than once")
-            work = fuse(traced, inplace=True, no_trace=True)
+            work = _inplace_activations(fuse(traced, inplace=True, no_trace=True))
     except Exception as exc:  # noqa: BLE001 - torch.fx raises many types; unfolded still works
         log.info("Batch norm not folded (%s: %s).", type(module).__name__, exc)
     return freeze(work)
+
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish)
+
+
+def _inplace_activations(gm: fx.GraphModule) -> fx.GraphModule:
+    """Activations that overwrite their input where nothing else reads it (at every call of
+    the module): lite0's ReLU6 otherwise writes each convolution's output a second time."""
+    mods = dict(gm.named_modules())
+    safe: dict[str, bool] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(mods[n.target], _ACTIVATIONS):
+            arg = n.args[0]
+            ok = isinstance(arg, fx.Node) and arg.op != "placeholder" and len(arg.users) == 1
+            safe[n.target] = safe.get(n.target, True) and ok
+    for target, ok in safe.items():
+        if ok:
+            mods[target].inplace = True
+    return gm
 
 
 def _unpad_same(module: nn.Module) -> nn.Module:
