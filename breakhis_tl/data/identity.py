@@ -17,6 +17,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,21 +36,12 @@ def _stat_key(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
-def _stat_keys(paths: list[str]) -> list[str | None]:
-    out: list[str | None] = []
+def _or_none(fn, paths: list[str]) -> list:
+    """fn of each path, None where the file cannot be read."""
+    out: list = []
     for p in paths:
         try:
-            out.append(_stat_key(p))
-        except OSError:
-            out.append(None)
-    return out
-
-
-def _content_ids(paths: list[str]) -> list[str | None]:
-    out: list[str | None] = []
-    for p in paths:
-        try:
-            out.append(content_id(p))
+            out.append(fn(p))
         except OSError:
             out.append(None)
     return out
@@ -120,6 +112,10 @@ def sha256_file(path: str | Path) -> str:
 
 def content_id(path: str) -> str:
     return file_hasher(path, "sha1").hexdigest()
+
+
+_stat_keys = partial(_or_none, _stat_key)  # module level: loader workers pickle them
+_content_ids = partial(_or_none, content_id)
 
 
 def pixel_hash(rgb: np.ndarray) -> str:
