@@ -78,17 +78,20 @@ def test_folding_keeps_features_and_removes_batch_norm(name):
 
 
 class _Residual(nn.Module):
-    """conv -> ReLU6 whose input also feeds the sum (must stay out of place), then
-    conv -> ReLU6 read by nothing else (may overwrite)."""
+    """conv -> ReLU6 whose input also feeds the sum, a ReLU6 on a view of a tensor read
+    elsewhere (both must stay out of place), then conv -> ReLU6 read by nothing else."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
-        self.shared, self.last = nn.ReLU6(), nn.ReLU6()
+        self.c = nn.Conv2d(4, 8, 1)
+        self.shared, self.on_view, self.last = nn.ReLU6(), nn.ReLU6(), nn.ReLU6()
 
     def forward(self, x):
         y = self.a(x)
         z = self.shared(y) + y
+        w = self.c(z)
+        z = z + self.on_view(w[:, :4]) + w[:, 4:]  # a view of w: must not be overwritten
         return self.last(self.b(z)).mean((2, 3))
 
 
@@ -97,8 +100,10 @@ def test_activations_overwrite_their_input_only_where_nothing_else_reads_it():
     m = _Residual().eval()
     x = torch.randn(2, 3, 8, 8)
     folded = F.fold_frozen(m)
+    assert isinstance(folded, torch.fx.GraphModule)  # folded, not the unfolded fallback
     assert torch.allclose(folded(x), m(x), atol=1e-6)
     assert not folded.get_submodule("shared").inplace and folded.get_submodule("last").inplace
+    assert not folded.get_submodule("on_view").inplace
     assert not m.shared.inplace and not m.last.inplace  # the original is left as built
     lite0 = F.fold_frozen(build_backbone("efficientnet_lite0", "default").module)
     acts = [mod for mod in lite0.modules() if isinstance(mod, nn.ReLU6)]

@@ -238,17 +238,20 @@ def fold_frozen(module: nn.Module) -> nn.Module:
 
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish)
+_FRESH = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)  # each call returns a new tensor
 
 
 def _inplace_activations(gm: fx.GraphModule) -> fx.GraphModule:
-    """Activations that overwrite their input where nothing else reads it (at every call of
-    the module): lite0's ReLU6 otherwise writes each convolution's output a second time."""
+    """Activations that overwrite their input where it is a convolution's (or norm's) fresh
+    output that nothing else reads, at every call of the module (a view would alias another
+    tensor): lite0's ReLU6 otherwise writes each convolution's output a second time."""
     mods = dict(gm.named_modules())
     safe: dict[str, bool] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module" and isinstance(mods[n.target], _ACTIVATIONS):
             arg = n.args[0]
-            ok = isinstance(arg, fx.Node) and arg.op != "placeholder" and len(arg.users) == 1
+            fresh = isinstance(arg, fx.Node) and arg.op == "call_module"
+            ok = fresh and isinstance(mods[arg.target], _FRESH) and len(arg.users) == 1
             safe[n.target] = safe.get(n.target, True) and ok
     for target, ok in safe.items():
         if ok:
