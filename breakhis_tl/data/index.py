@@ -105,14 +105,6 @@ def _image_files(root: Path) -> list[str]:
     return files
 
 
-def relative_key(path: Path, root: Path) -> str:
-    """Path from `BreaKHis_v1/` on when present, so split files and Folds.csv match anywhere."""
-    parts = path.parts
-    if "BreaKHis_v1" in parts:
-        return "/".join(parts[parts.index("BreaKHis_v1") :])
-    return path.relative_to(root).as_posix()
-
-
 def data_roots(data: str | Path) -> tuple[Path, Path]:
     """The data folder as the user named it (absolute, links kept: the paths they are shown)
     and as it really lies (links resolved: where the keys come from). Keys from the named
@@ -123,9 +115,10 @@ def data_roots(data: str | Path) -> tuple[Path, Path]:
 
 
 def file_key(path: str, root: Path, real: Path) -> str:
-    """`relative_key` of a file found under `root` (a path string beginning with it),
-    computed on the resolved folder: the same key through any link to the data (root's
-    `data_roots`)."""
+    """The key of a file found under `root` (a path string beginning with it): its path
+    from `BreaKHis_v1/` on when the resolved path has one (split files and Folds.csv then
+    match anywhere), else from the resolved folder; the same key through any link to the
+    data (root's `data_roots`)."""
     rel = path[len(str(root)) :].lstrip(os.sep).split(os.sep)
     parts = [*real.parts, *rel]
     if "BreaKHis_v1" in parts:
